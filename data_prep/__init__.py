@@ -1,0 +1,1 @@
+"""Data-preparation helpers for fairseq-smoe (corpus download, cleaning, fixtures)."""

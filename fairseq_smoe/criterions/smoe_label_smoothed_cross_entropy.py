@@ -1,0 +1,118 @@
+"""Label-smoothed cross-entropy plus the SMoE balance loss, with routing statistics.
+
+loss = LS-CE summed over target tokens + moe_gate_loss_wt * sample_size * mean over SMoE
+blocks of each block's balance loss (itself averaged over the block's passes), spec §2.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from fairseq.criterions import register_criterion
+from fairseq.criterions.label_smoothed_cross_entropy import (
+    LabelSmoothedCrossEntropyCriterion,
+    LabelSmoothedCrossEntropyCriterionConfig,
+)
+from fairseq.logging import metrics
+
+DIRECTION_KEY = "direction"  # sample[DIRECTION_KEY]: [B] direction ids, set by smoe_translation
+
+
+@dataclass
+class SMoELabelSmoothedCrossEntropyConfig(LabelSmoothedCrossEntropyCriterionConfig):
+    moe_gate_loss_wt: float = field(
+        default=0.01, metadata={"help": "weight of the SMoE balance loss (paper: 0.01)"}
+    )
+
+
+def _blocks(model, side):
+    return model.smoe_blocks(side) if hasattr(model, "smoe_blocks") else []
+
+
+@register_criterion("smoe_label_smoothed_cross_entropy", dataclass=SMoELabelSmoothedCrossEntropyConfig)
+class SMoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
+    def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0,
+                 report_accuracy=False, moe_gate_loss_wt=0.01):
+        super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
+        self.moe_gate_loss_wt = moe_gate_loss_wt
+
+    def forward(self, model, sample, reduce=True):
+        net_output = model(**sample["net_input"])
+        loss_tok, nll_tok = self.compute_loss(model, net_output, sample, reduce=False)
+        loss, nll_loss = loss_tok.sum(), nll_tok.sum()
+        bsz = sample["target"].size(0)
+        sample_size = bsz if self.sentence_avg else sample["ntokens"]
+
+        enc, dec = _blocks(model, "encoder"), _blocks(model, "decoder")
+        log = {
+            "ntokens": sample["ntokens"],
+            "nsentences": bsz,
+            "sample_size": sample_size,
+        }
+        if enc or dec:
+            gate_loss = torch.stack([b.aux_loss for b in enc + dec]).mean()
+            loss = loss + self.moe_gate_loss_wt * sample_size * gate_loss
+            log["moe_gate_loss"] = gate_loss.detach() * sample_size
+            for side, blocks in (("enc", enc), ("dec", dec)):
+                log[f"rc_{side}_passes"] = sum(b.passes_TB.sum() for b in blocks) if blocks else 0
+                log[f"rc_{side}_tokens"] = sum(b.routed_TB.sum() for b in blocks) if blocks else 0
+            log["moe_dropped"] = sum(b.dropped for b in enc + dec)
+            log["moe_assigned"] = sum(b.assigned for b in enc + dec)
+        log["loss"], log["nll_loss"] = loss.data, nll_loss.data
+
+        if DIRECTION_KEY in sample:
+            log.update(self._per_direction(sample, loss_tok, enc, dec))
+        if self.report_accuracy:
+            n_correct, total = self.compute_accuracy(model, net_output, sample)
+            log["n_correct"], log["total"] = n_correct.item(), total.item()
+        return loss, sample_size, log
+
+    def _per_direction(self, sample, loss_tok, enc, dec):
+        """Per-direction sums (loss, target tokens, passes) for the validation log."""
+        dir_B = sample[DIRECTION_KEY]
+        names = self.task.direction_names
+        D, B = len(names), dir_B.numel()
+
+        def per_dir(values_B):
+            return torch.zeros(D, dtype=torch.float64, device=dir_B.device).index_add_(
+                0, dir_B, values_B.double()
+            )
+
+        sums = {
+            "loss": per_dir(loss_tok.view(B, -1).sum(1).detach()),
+            "ntok": per_dir(sample["target"].ne(self.padding_idx).sum(1)),
+        }
+        for side, blocks in (("enc", enc), ("dec", dec)):
+            if blocks:
+                sums[f"rc_{side}_passes"] = per_dir(sum(b.passes_TB.sum(0) for b in blocks))
+                sums[f"rc_{side}_tokens"] = per_dir(sum(b.routed_TB.sum(0) for b in blocks))
+        return {f"dir_{k}:{name}": v[i] for k, v in sums.items() for i, name in enumerate(names)}
+
+    @classmethod
+    def reduce_metrics(cls, logging_outputs) -> None:
+        super().reduce_metrics(logging_outputs)
+
+        def total(key):
+            return sum(float(log.get(key, 0)) for log in logging_outputs)
+
+        sample_size = total("sample_size")
+        if any("moe_gate_loss" in log for log in logging_outputs) and sample_size > 0:
+            metrics.log_scalar("moe_gate_loss", total("moe_gate_loss") / sample_size, sample_size, round=4)
+            for side in ("enc", "dec"):
+                tokens = total(f"rc_{side}_tokens")
+                if tokens > 0:
+                    metrics.log_scalar(f"rc_{side}", total(f"rc_{side}_passes") / tokens, tokens, round=3)
+            assigned = total("moe_assigned")
+            if assigned > 0:
+                metrics.log_scalar("dropped", total("moe_dropped") / assigned, assigned, round=4)
+
+        names = sorted({k.split(":", 1)[1] for log in logging_outputs for k in log if k.startswith("dir_ntok:")})
+        for name in names:
+            ntok = total(f"dir_ntok:{name}")
+            if ntok == 0:
+                continue
+            metrics.log_scalar(f"loss_{name}", total(f"dir_loss:{name}") / ntok / math.log(2), ntok, round=3)
+            for side in ("enc", "dec"):
+                tokens = total(f"dir_rc_{side}_tokens:{name}")
+                if tokens > 0:
+                    metrics.log_scalar(f"rc_{side}_{name}", total(f"dir_rc_{side}_passes:{name}") / tokens, tokens, round=3)

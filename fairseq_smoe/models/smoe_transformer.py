@@ -1,0 +1,215 @@
+"""``smoe_transformer``: fairseq's Transformer with every ``--moe-freq``-th FFN an SMoE block."""
+
+from typing import List
+
+from fairseq.distributed import fsdp_wrap
+from fairseq.models import register_model, register_model_architecture
+from fairseq.models.transformer import (
+    TransformerDecoderBase,
+    TransformerEncoderBase,
+    TransformerModel,
+    base_architecture,
+)
+from fairseq.modules.checkpoint_activations import checkpoint_wrapper
+
+from ..modules.config import RESIDUAL_MODES, SECOND_EXPERT_POLICIES, SMoEConfig, parse_strata
+from ..modules.layers import SMoEDecoderLayer, SMoEEncoderLayer
+from ..modules.smoe_block import SMoEBlock
+
+
+def smoe_config(args, embed_dim: int, ffn_dim: int) -> SMoEConfig:
+    """Build the block config from the parsed command line (validates the flags)."""
+    return SMoEConfig(
+        embed_dim=embed_dim,
+        ffn_dim=ffn_dim,
+        strata=parse_strata(args.smoe_strata, args.moe_expert_count),
+        top1=args.moe_top1_expert,
+        capacity_factor=args.moe_capacity_factor,
+        second_expert_policy=args.moe_second_expert_policy,
+        inference_noise=args.moe_inference_noise,
+        eval_capacity_token_fraction=args.moe_eval_capacity_token_fraction,
+        eom=args.moe_eom,
+        residual=args.smoe_residual,
+        route_padding=args.moe_route_padding,
+        dropout=args.dropout,
+        activation_dropout=args.activation_dropout,
+    )
+
+
+def is_moe_layer(index: int, moe_freq: int) -> bool:
+    """Layer ``index`` (0-based) is an SMoE layer when (index + 1) % moe_freq == 0."""
+    return moe_freq > 0 and (index + 1) % moe_freq == 0
+
+
+def _wrap(layer, cfg):
+    # the same activation checkpointing / FSDP wrapping fairseq applies to its own layers
+    if cfg.checkpoint_activations:
+        layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
+    min_params = cfg.min_params_to_wrap if not cfg.checkpoint_activations else 0
+    return fsdp_wrap(layer, min_num_params=min_params)
+
+
+class SMoETransformerEncoder(TransformerEncoderBase):
+    def build_encoder_layer(self, cfg):
+        index = self.__dict__.setdefault("_layers_built", 0)
+        self._layers_built = index + 1
+        if not is_moe_layer(index, cfg.moe_freq):
+            return super().build_encoder_layer(cfg)
+        smoe_cfg = smoe_config(cfg, cfg.encoder.embed_dim, cfg.encoder.ffn_embed_dim)
+        return _wrap(SMoEEncoderLayer(cfg, smoe_cfg, return_fc=self.return_fc), cfg)
+
+
+class SMoETransformerDecoder(TransformerDecoderBase):
+    def build_decoder_layer(self, cfg, no_encoder_attn=False):
+        index = self.__dict__.setdefault("_layers_built", 0)
+        self._layers_built = index + 1
+        if not is_moe_layer(index, cfg.moe_freq):
+            return super().build_decoder_layer(cfg, no_encoder_attn)
+        smoe_cfg = smoe_config(cfg, cfg.decoder.embed_dim, cfg.decoder.ffn_embed_dim)
+        return _wrap(SMoEDecoderLayer(cfg, smoe_cfg, no_encoder_attn), cfg)
+
+
+@register_model("smoe_transformer")
+class SMoETransformerModel(TransformerModel):
+    """Transformer (pre-LN) whose every ``--moe-freq``-th encoder and decoder FFN is an SMoE
+    block with ``--moe-expert-count`` experts split into strata ``--smoe-strata``."""
+
+    @classmethod
+    def add_args(cls, parser):
+        super().add_args(parser)
+        g = parser.add_argument_group("SMoE (stratified mixture of experts)")
+        g.add_argument("--moe-expert-count", type=int, metavar="E",
+                       help="experts per SMoE block (default: 8, or 16 for the big arch)")
+        g.add_argument("--moe-freq", type=int, metavar="N",
+                       help="every N-th FFN (1-based) of encoder and decoder is an SMoE block; "
+                            "0 = none (a dense transformer) (default: 2)")
+        g.add_argument("--smoe-strata", type=str, metavar="n1,n2,...",
+                       help="experts per stratum in order, summing to --moe-expert-count; "
+                            "one stratum = vanilla top-2 MoE (default: one stratum)")
+        g.add_argument("--moe-top1-expert", action="store_true",
+                       help="Switch-style top-1 routing with --moe-capacity-factor")
+        g.add_argument("--moe-capacity-factor", type=float, metavar="CF",
+                       help="top-1 training capacity per expert = int(CF * ceil(tokens/experts)) "
+                            "(default: 1.0)")
+        g.add_argument("--moe-second-expert-policy", choices=SECOND_EXPERT_POLICIES,
+                       help="second expert in training: sampling (Gumbel), all (argmax), random "
+                            "(kept with probability 2*g2) (default: sampling); evaluation always "
+                            "uses the argmax unless --moe-inference-noise")
+        g.add_argument("--moe-inference-noise", action="store_true",
+                       help="keep the second-expert noise at inference, as the official code "
+                            "does (generation is then not deterministic)")
+        g.add_argument("--moe-eval-capacity-token-fraction", type=float, metavar="F",
+                       help="eval/generation capacity per expert = ceil(F * tokens); "
+                            "default: unlimited, no token is ever dropped")
+        g.add_argument("--moe-eom", type=float, metavar="P",
+                       help="expert output masking rate (default: 0.0)")
+        g.add_argument("--smoe-residual", choices=RESIDUAL_MODES,
+                       help="official: the released code's LayerNorm/residual behaviour that "
+                            "produced the paper's numbers; paper: Eq. 4-7 (default: official)")
+        g.add_argument("--moe-route-padding", action="store_true",
+                       help="route padding tokens like real ones (official behaviour; "
+                            "default: padding takes no capacity)")
+
+    @classmethod
+    def build_model(cls, args, task):
+        smoe_base_architecture(args)
+        # Fail fast, before any data is touched, on flags that cannot form an SMoE model.
+        smoe_config(args, args.encoder_embed_dim, args.encoder_ffn_embed_dim)
+        for flag in ("scale_fc", "scale_resids"):
+            if getattr(args, flag, False):
+                raise ValueError(f"--{flag.replace('_', '-')} is not supported by SMoE layers")
+        return super().build_model(args, task)
+
+    @classmethod
+    def build_encoder(cls, cfg, src_dict, embed_tokens):
+        return SMoETransformerEncoder(cfg, src_dict, embed_tokens)
+
+    @classmethod
+    def build_decoder(cls, cfg, tgt_dict, embed_tokens):
+        return SMoETransformerDecoder(cfg, tgt_dict, embed_tokens, no_encoder_attn=cfg.no_cross_attention)
+
+    def smoe_blocks(self, side: str) -> List[SMoEBlock]:
+        """The SMoE blocks of ``side`` ('encoder' or 'decoder'), in layer order."""
+        return [m for m in getattr(self, side).modules() if isinstance(m, SMoEBlock)]
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        try:
+            return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
+        except RuntimeError as err:
+            raise RuntimeError(_mismatch_message(self, state_dict) + f"\n\nPyTorch said: {err}") from None
+
+
+def _describe_smoe(state_dict) -> str:
+    """'E experts, strata a,b,...' of the first SMoE block in a state dict."""
+    visible = {}  # router index -> experts it scores (its stratum and all later ones)
+    block = None
+    for name, tensor in state_dict.items():
+        if ".moe.routers." in name:
+            prefix, rest = name.split(".moe.routers.")
+            block = block or prefix
+            if prefix == block:
+                visible[int(rest.split(".")[0])] = tensor.shape[0]
+    if not visible:
+        return "no SMoE blocks (a dense model?)"
+    V = [visible[i] for i in sorted(visible)] + [0]
+    strata = [V[s] - V[s + 1] for s in range(len(V) - 1)]
+    return f"{V[0]} experts per block in strata {','.join(map(str, strata))}"
+
+
+def _mismatch_message(model, state_dict) -> str:
+    return (
+        f"The checkpoint does not fit this smoe_transformer model: the checkpoint has "
+        f"{_describe_smoe(state_dict)}, this model has {_describe_smoe(model.state_dict())}. "
+        f"Build the model with the checkpoint's flags (--arch, --moe-expert-count, "
+        f"--smoe-strata, --moe-freq, dims), or train into a new --save-dir instead of "
+        f"resuming this one."
+    )
+
+
+def _default(args, name, value):
+    if getattr(args, name, None) is None:
+        setattr(args, name, value)
+
+
+@register_model_architecture("smoe_transformer", "smoe_transformer")
+def smoe_base_architecture(args):
+    """M4 size (spec §5.1): 6+6 layers, d 512, FFN 2048, 8 heads, 8 experts, pre-LN."""
+    # SMoE blocks are pre-LN (the paper's setting); fairseq's store_true default is False,
+    # so this is set rather than defaulted.
+    args.encoder_normalize_before = args.decoder_normalize_before = True
+    _default(args, "moe_expert_count", 8)
+    _default(args, "moe_freq", 2)
+    _default(args, "smoe_strata", "")
+    _default(args, "moe_capacity_factor", 1.0)
+    _default(args, "moe_second_expert_policy", "sampling")
+    _default(args, "moe_eom", 0.0)
+    _default(args, "smoe_residual", "official")
+    for flag in ("moe_top1_expert", "moe_inference_noise", "moe_route_padding"):
+        _default(args, flag, False)
+    _default(args, "moe_eval_capacity_token_fraction", None)
+    base_architecture(args)
+
+
+@register_model_architecture("smoe_transformer", "smoe_transformer_tiny")
+def smoe_tiny_architecture(args):
+    """For tests and the CPU demo: 2+2 layers, d 128, FFN 512, 4 heads, 4 experts, layer 2 of
+    each side an SMoE block."""
+    _default(args, "encoder_embed_dim", 128)
+    _default(args, "encoder_ffn_embed_dim", 512)
+    _default(args, "encoder_layers", 2)
+    _default(args, "encoder_attention_heads", 4)
+    _default(args, "decoder_layers", 2)
+    _default(args, "decoder_attention_heads", 4)
+    _default(args, "moe_expert_count", 4)
+    smoe_base_architecture(args)
+
+
+@register_model_architecture("smoe_transformer", "smoe_transformer_big")
+def smoe_big_architecture(args):
+    """M15 / OPUS-100 size: 6+6 layers, d 1024, FFN 4096, 16 heads, 16 experts."""
+    _default(args, "encoder_embed_dim", 1024)
+    _default(args, "encoder_ffn_embed_dim", 4096)
+    _default(args, "encoder_attention_heads", 16)
+    _default(args, "decoder_attention_heads", 16)
+    _default(args, "moe_expert_count", 16)
+    smoe_base_architecture(args)

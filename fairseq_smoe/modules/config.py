@@ -1,0 +1,96 @@
+"""Configuration of one SMoE block, validated once at model build time."""
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+SECOND_EXPERT_POLICIES = ("sampling", "all", "random")
+RESIDUAL_MODES = ("official", "paper")
+
+
+def parse_strata(spec: Optional[str], num_experts: int) -> Tuple[int, ...]:
+    """Parse ``--smoe-strata`` ("4,12") into experts per stratum, checking it sums to E.
+
+    An empty spec means a single stratum holding every expert (vanilla MoE).
+    """
+    if num_experts is None or num_experts < 1:
+        raise ValueError(
+            f"--moe-expert-count must be a positive integer, got {num_experts!r}"
+        )
+    if spec is None or str(spec).strip() == "":
+        return (num_experts,)
+    try:
+        strata = tuple(int(s) for s in str(spec).split(","))
+    except ValueError:
+        raise ValueError(
+            f"--smoe-strata {spec!r} is not a comma-separated list of integers; "
+            f"write the experts per stratum in order, e.g. --smoe-strata 4,12"
+        ) from None
+    if any(n < 1 for n in strata):
+        raise ValueError(
+            f"--smoe-strata {spec!r}: every stratum needs at least one expert"
+        )
+    if sum(strata) != num_experts:
+        raise ValueError(
+            f"--smoe-strata {spec!r} sums to {sum(strata)} experts but "
+            f"--moe-expert-count is {num_experts}; make them agree, e.g. "
+            f"--moe-expert-count {sum(strata)} --smoe-strata {spec}"
+        )
+    return strata
+
+
+@dataclass(frozen=True)
+class SMoEConfig:
+    embed_dim: int
+    ffn_dim: int
+    strata: Tuple[int, ...]  # experts per stratum, in order; sums to the expert count
+    top1: bool = False  # Switch-style routing (one expert per pass, raw-probability combine)
+    capacity_factor: float = 1.0  # top-1 training capacity = int(cf * ceil(S / V))
+    second_expert_policy: str = "sampling"
+    inference_noise: bool = False  # keep the training policy's noise at inference (official code)
+    eval_capacity_token_fraction: Optional[float] = None  # None/<=0: never drop at eval
+    eom: float = 0.0  # expert output masking rate
+    residual: str = "official"
+    route_padding: bool = False
+    dropout: float = 0.0  # on expert outputs (the layer's --dropout)
+    activation_dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.embed_dim < 1 or self.ffn_dim < 1:
+            raise ValueError("SMoE block needs positive embed and FFN dims")
+        if not self.strata or any(n < 1 for n in self.strata):
+            raise ValueError(f"invalid strata {self.strata}")
+        if self.second_expert_policy not in SECOND_EXPERT_POLICIES:
+            raise ValueError(
+                f"--moe-second-expert-policy must be one of {SECOND_EXPERT_POLICIES}, "
+                f"got {self.second_expert_policy!r}"
+            )
+        if self.residual not in RESIDUAL_MODES:
+            raise ValueError(
+                f"--smoe-residual must be one of {RESIDUAL_MODES}, got {self.residual!r}"
+            )
+        if not 0.0 <= self.eom < 1.0:
+            raise ValueError(f"--moe-eom must be in [0, 1), got {self.eom}")
+        if self.capacity_factor <= 0:
+            raise ValueError(
+                f"--moe-capacity-factor must be > 0, got {self.capacity_factor}"
+            )
+
+    @property
+    def num_experts(self) -> int:
+        return sum(self.strata)
+
+    @property
+    def num_strata(self) -> int:
+        return len(self.strata)
+
+    @property
+    def k(self) -> int:
+        return 1 if self.top1 else 2
+
+    def first_expert(self, stratum: int) -> int:
+        """Global id of the first expert of ``stratum`` (= N_<s in the spec)."""
+        return sum(self.strata[:stratum])
+
+    def visible_experts(self, stratum: int) -> int:
+        """Experts Gate_s can route to: its own stratum and every later one (V_s)."""
+        return sum(self.strata[stratum:])

@@ -1,0 +1,193 @@
+"""``smoe_translation``: fairseq's ``translation_multi_simple_epoch`` plus what a multilingual
+MoE user needs: per-direction validation loss and strata passes, clear errors for missing
+data or language tokens, and no silently dropped last batch."""
+
+import os
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from fairseq.data import ConcatDataset, data_utils
+from fairseq.data.multilingual.multilingual_data_manager import MultilingualDatasetManager
+from fairseq.tasks import register_task
+from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleEpochTask
+
+from ..criterions.smoe_label_smoothed_cross_entropy import DIRECTION_KEY
+
+
+class DirectionTaggedDataset(ConcatDataset):
+    """The per-direction evaluation datasets, concatenated; each batch carries the direction
+    id of every sentence (``sample["direction"]``) and globally unique sentence ids."""
+
+    def __init__(self, datasets, direction_ids):
+        super().__init__(datasets)
+        self.direction_ids = np.asarray(direction_ids, dtype=np.int64)
+
+    def __getitem__(self, idx):
+        item = super().__getitem__(idx)
+        item["id"] = idx  # the sub-dataset's own index would repeat across directions
+        return item
+
+    def collater(self, samples, **extra_args):
+        batch = super().collater(samples, **extra_args)
+        if batch and "id" in batch:
+            which = np.searchsorted(self.cumulative_sizes, batch["id"].numpy(), side="right")
+            batch[DIRECTION_KEY] = torch.from_numpy(self.direction_ids[which])
+        return batch
+
+
+class _DatasetManager(MultilingualDatasetManager):
+    """Keeps the direction of every evaluation dataset (fairseq's concat forgets it)."""
+
+    def load_into_concat_dataset(self, split, datasets, data_param_list):
+        merged = super().load_into_concat_dataset(split, datasets, data_param_list)
+        if not isinstance(merged, ConcatDataset):
+            return merged  # --lang-tok-replacing-bos-eos keeps fairseq's own dataset
+        names = self.direction_names
+        ids = [names.index(key.split(":", 1)[1]) for key, _ in datasets]
+        return DirectionTaggedDataset([d for _, d in datasets], ids)
+
+
+def keep_every_batch(batches, indices):
+    """fairseq drops the last batch when its size is not a multiple of
+    --required-batch-size-multiple; give those sentences back as a final batch."""
+    covered = sum(len(b) for b in batches)
+    if covered == len(indices):
+        return batches
+    seen = np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
+    missing = np.asarray(indices)[~np.isin(indices, seen)]
+    return list(batches) + [missing.astype(np.int64)]
+
+
+@register_task("smoe_translation")
+class SMoETranslationTask(TranslationMultiSimpleEpochTask):
+    """Multilingual translation for SMoE models (same data layout and flags as
+    ``translation_multi_simple_epoch``)."""
+
+    @classmethod
+    def setup_task(cls, args, **kwargs):
+        check_languages(args)
+        check_dictionaries(args)
+        return super().setup_task(args, **kwargs)
+
+    def __init__(self, args, langs, dicts, training):
+        super().__init__(args, langs, dicts, training)
+        self.data_manager = _DatasetManager.setup_data_manager(
+            args, self.lang_pairs, langs, dicts, self.sampling_method
+        )
+        self.data_manager.direction_names = self.direction_names
+
+    @property
+    def direction_names(self):
+        """Directions in --lang-pairs order; ``sample["direction"]`` indexes this list."""
+        return list(self.lang_pairs)
+
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        check_split_files(self.args.data, split, self.lang_pairs)
+        return super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
+
+    def create_batch_sampler_func(self, max_positions, ignore_invalid_inputs, max_tokens,
+                                  max_sentences, required_batch_size_multiple=1, seed=1):
+        def construct_batch_sampler(dataset, epoch):
+            if epoch is not None:
+                dataset.set_epoch(epoch)
+            with data_utils.numpy_seed(seed):
+                indices = dataset.ordered_indices()
+            if max_positions is not None:
+                indices = self.filter_indices_by_size(indices, dataset, max_positions, ignore_invalid_inputs)
+            batches = dataset.batch_by_size(
+                indices, max_tokens=max_tokens, max_sentences=max_sentences,
+                required_batch_size_multiple=required_batch_size_multiple,
+            )
+            return keep_every_batch(batches, indices)
+
+        return construct_batch_sampler
+
+
+def _languages(args):
+    if args.langs is not None:
+        langs = args.langs.split(",") if isinstance(args.langs, str) else list(args.langs)
+        return langs, "--langs"
+    if args.lang_dict is not None:
+        if not os.path.exists(args.lang_dict):
+            raise FileNotFoundError(
+                f"--lang-dict {args.lang_dict} does not exist; give a file with one language "
+                f"code per line, or list the languages with --langs"
+            )
+        with open(args.lang_dict, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()], f"--lang-dict {args.lang_dict}"
+    return None, None
+
+
+def check_languages(args):
+    """Every language of the requested directions must have a language token."""
+    pairs = args.lang_pairs.split(",") if isinstance(args.lang_pairs, str) else args.lang_pairs
+    if not pairs:
+        raise ValueError("--lang-pairs is required, e.g. --lang-pairs en-de,de-en")
+    for pair in pairs:
+        if len(pair.split("-")) != 2 or "" in pair.split("-"):
+            raise ValueError(f"--lang-pairs: {pair!r} is not of the form SRC-TGT (e.g. en-de)")
+    langs, where = _languages(args)
+    if langs is None:
+        raise ValueError(
+            "smoe_translation needs the language list for its language tokens: pass "
+            "--langs en,de,... or --lang-dict FILE (one language per line)"
+        )
+    wanted = [p.split("-") for p in pairs]
+    if args.source_lang is not None or args.target_lang is not None:
+        wanted = [(args.source_lang, args.target_lang)]
+    for src, tgt in wanted:
+        for lang in (src, tgt):
+            if lang not in langs:
+                raise ValueError(
+                    f"language {lang!r} of direction {src}-{tgt} has no language token: it is "
+                    f"not in {where} ({','.join(langs)}). Add it there, or drop the direction. "
+                    f"Note that --langs must list the languages in the order used at training."
+                )
+
+
+def check_dictionaries(args):
+    data = args.data.split(os.pathsep)[0]
+    if not os.path.isdir(data):
+        raise FileNotFoundError(
+            f"data directory {data} does not exist; pass the fairseq-preprocess --destdir"
+        )
+    if args.source_dict is not None or args.fixed_dictionary is not None:
+        return
+    pairs = args.lang_pairs.split(",") if isinstance(args.lang_pairs, str) else args.lang_pairs
+    langs = {l for p in pairs for l in p.split("-")}
+    if args.source_lang is not None:
+        langs = {args.source_lang, args.target_lang}
+    missing = sorted(l for l in langs if not os.path.exists(os.path.join(data, f"dict.{l}.txt")))
+    if missing:
+        raise FileNotFoundError(
+            f"no dictionary for {', '.join(missing)} in {data}: expected "
+            + ", ".join(os.path.join(data, f"dict.{l}.txt") for l in missing)
+            + ". Binarize every direction with fairseq-preprocess (one joined dictionary)."
+        )
+
+
+def check_split_files(data, split, pairs):
+    """Name the missing files when a requested direction has no data for ``split``."""
+    data = data.split(os.pathsep)[0]
+    missing = []
+    for pair in pairs:
+        src, tgt = pair.split("-")
+        found = any(
+            all(os.path.exists(os.path.join(data, f"{split}.{a}-{b}.{lang}.{ext}"))
+                for lang in (src, tgt) for ext in ("bin", "idx"))
+            for a, b in ((src, tgt), (tgt, src))
+        )
+        if not found:
+            missing.append(
+                f"{pair}: expected {os.path.join(data, f'{split}.{src}-{tgt}.{src}')}.{{bin,idx}} "
+                f"and .{tgt}.{{bin,idx}} (or the {tgt}-{src} files)"
+            )
+    if missing:
+        have = sorted({f.split(".")[1] for f in os.listdir(data) if f.startswith(split + ".") and f.endswith(".idx")})
+        raise FileNotFoundError(
+            f"no {split} data for {len(missing)} requested direction(s) in {data}:\n  "
+            + "\n  ".join(missing)
+            + f"\n{split} data present for: {', '.join(have) or 'none'}. "
+            f"Binarize the missing directions with fairseq-preprocess or remove them from --lang-pairs."
+        )
