@@ -77,37 +77,36 @@ class SMoETransformerModel(TransformerModel):
     @classmethod
     def add_args(cls, parser):
         super().add_args(parser)
-        g = parser.add_argument_group("SMoE (stratified mixture of experts)")
-        g.add_argument("--moe-expert-count", type=int, metavar="E",
-                       help="experts per SMoE block (default: 8, or 16 for the big arch)")
-        g.add_argument("--moe-freq", type=int, metavar="N",
-                       help="every N-th FFN (1-based) of encoder and decoder is an SMoE block; "
+        parser.add_argument("--moe-expert-count", type=int, metavar="E",
+                            help="experts per SMoE block (default: 8, or 16 for the big arch)")
+        parser.add_argument("--moe-freq", type=int, metavar="N",
+                            help="every N-th FFN (1-based) of encoder and decoder is an SMoE block; "
                             "0 = none (a dense transformer) (default: 2)")
-        g.add_argument("--smoe-strata", type=str, metavar="n1,n2,...",
-                       help="experts per stratum in order, summing to --moe-expert-count; "
+        parser.add_argument("--smoe-strata", type=str, metavar="n1,n2,...",
+                            help="experts per stratum in order, summing to --moe-expert-count; "
                             "one stratum = vanilla top-2 MoE (default: one stratum)")
-        g.add_argument("--moe-top1-expert", action="store_true",
-                       help="Switch-style top-1 routing with --moe-capacity-factor")
-        g.add_argument("--moe-capacity-factor", type=float, metavar="CF",
-                       help="top-1 training capacity per expert = int(CF * ceil(tokens/experts)) "
+        parser.add_argument("--moe-top1-expert", action="store_true",
+                            help="Switch-style top-1 routing with --moe-capacity-factor")
+        parser.add_argument("--moe-capacity-factor", type=float, metavar="CF",
+                            help="top-1 training capacity per expert = int(CF * ceil(tokens/experts)) "
                             "(default: 1.0)")
-        g.add_argument("--moe-second-expert-policy", choices=SECOND_EXPERT_POLICIES,
-                       help="second expert in training: sampling (Gumbel), all (argmax), random "
+        parser.add_argument("--moe-second-expert-policy", choices=SECOND_EXPERT_POLICIES,
+                            help="second expert in training: sampling (Gumbel), all (argmax), random "
                             "(kept with probability 2*g2) (default: sampling); evaluation always "
                             "uses the argmax unless --moe-inference-noise")
-        g.add_argument("--moe-inference-noise", action="store_true",
-                       help="keep the second-expert noise at inference, as the official code "
+        parser.add_argument("--moe-inference-noise", action="store_true",
+                            help="keep the second-expert noise at inference, as the official code "
                             "does (generation is then not deterministic)")
-        g.add_argument("--moe-eval-capacity-token-fraction", type=float, metavar="F",
-                       help="eval/generation capacity per expert = ceil(F * tokens); "
+        parser.add_argument("--moe-eval-capacity-token-fraction", type=float, metavar="F",
+                            help="eval/generation capacity per expert = ceil(F * tokens); "
                             "default: unlimited, no token is ever dropped")
-        g.add_argument("--moe-eom", type=float, metavar="P",
-                       help="expert output masking rate (default: 0.0)")
-        g.add_argument("--smoe-residual", choices=RESIDUAL_MODES,
-                       help="official: the released code's LayerNorm/residual behaviour that "
+        parser.add_argument("--moe-eom", type=float, metavar="P",
+                            help="expert output masking rate (default: 0.0)")
+        parser.add_argument("--smoe-residual", choices=RESIDUAL_MODES,
+                            help="official: the released code's LayerNorm/residual behaviour that "
                             "produced the paper's numbers; paper: Eq. 4-7 (default: official)")
-        g.add_argument("--moe-route-padding", action="store_true",
-                       help="route padding tokens like real ones (official behaviour; "
+        parser.add_argument("--moe-route-padding", action="store_true",
+                            help="route padding tokens like real ones (official behaviour; "
                             "default: padding takes no capacity)")
 
     @classmethod

@@ -41,7 +41,8 @@ def select_experts(
     if noisy and policy == "sampling":
         # Gumbel-max: argmax(logits + G) samples from softmax(logits)
         u = torch.rand_like(scores_NV)
-        scores_NV = scores_NV - torch.log(-torch.log(u.clamp_min(1e-20)).clamp_min(1e-20))
+        neg_log_u = (-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20)  # -log(u) > 0
+        scores_NV = scores_NV - torch.log(neg_log_u)
     scores_NV = scores_NV.scatter(1, top1_N.unsqueeze(1), float("-inf"))
     top2_N = scores_NV.argmax(dim=-1)
     experts_KN = torch.stack([top1_N, top2_N])

@@ -72,9 +72,7 @@ class SMoETranslationTask(TranslationMultiSimpleEpochTask):
 
     def __init__(self, args, langs, dicts, training):
         super().__init__(args, langs, dicts, training)
-        self.data_manager = _DatasetManager.setup_data_manager(
-            args, self.lang_pairs, langs, dicts, self.sampling_method
-        )
+        self.data_manager = _DatasetManager(args, self.lang_pairs, langs, dicts, self.sampling_method)
         self.data_manager.direction_names = self.direction_names
 
     @property

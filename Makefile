@@ -1,0 +1,24 @@
+# make install: .venv with the project installed editable (idempotent)
+# make test:    the test suite (CPU)
+# make demo:    train a small SMoE on the committed real Bible fixture and evaluate it
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install test demo clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh
+
+clean:
+	rm -rf runs/demo

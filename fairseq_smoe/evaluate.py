@@ -1,0 +1,205 @@
+"""Translate and score every direction of a prepared data directory.
+
+    python -m fairseq_smoe.evaluate CHECKPOINT DATA_DIR OUT_DIR [--beam 5 --lenpen 1.0]
+
+DATA_DIR is what ``data_prep.spm_binarize`` writes: ``data-bin/``, ``lang_pairs.txt`` and
+``raw/test.SRC-TGT.{SRC,TGT}``. Each direction is decoded with stock ``fairseq-generate``
+(deterministic, no token dropped by capacity), every test line is checked to come back, and
+hypotheses are scored with sacreBLEU (BLEU 13a, chrF, chrF++) next to the chrF of copying
+the source. Mean strata passes per token (encoder and decoder) are measured per direction on
+the same test set with teacher forcing. Writes ``hyp.SRC-TGT.TGT``, ``scores.csv`` and
+``scores.md`` to OUT_DIR and prints the table.
+"""
+
+import argparse
+import csv
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import sacrebleu
+import torch
+
+PLUGIN_DIR = str(Path(__file__).resolve().parent)
+
+
+class EvaluationError(RuntimeError):
+    pass
+
+
+def read_lines(path):
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f]
+
+
+def task_args(checkpoint):
+    """The training task's flags, so decoding uses the same languages and language tokens."""
+    import fairseq_smoe  # noqa: F401  (safe globals for torch.load)
+
+    if not os.path.exists(checkpoint):
+        raise EvaluationError(f"checkpoint {checkpoint} does not exist")
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise EvaluationError(f"cannot read checkpoint {checkpoint} ({err}); is it a fairseq checkpoint?") from err
+    task = state["cfg"]["task"]
+    get = (lambda k: getattr(task, k, None)) if not isinstance(task, dict) else task.get
+    if get("_name") not in ("smoe_translation", "translation_multi_simple_epoch"):
+        raise EvaluationError(
+            f"{checkpoint} was trained with task {get('_name')!r}; this evaluator needs a "
+            f"multilingual smoe_translation checkpoint"
+        )
+    pairs = get("lang_pairs")
+    langs = get("langs")
+    flags = [
+        "--task", "smoe_translation",
+        "--lang-pairs", ",".join(pairs) if isinstance(pairs, list) else pairs,
+        "--langs", ",".join(langs) if isinstance(langs, list) else langs,
+    ]
+    if get("encoder_langtok"):
+        flags += ["--encoder-langtok", get("encoder_langtok")]
+    if get("decoder_langtok"):
+        flags += ["--decoder-langtok"]
+    return flags
+
+
+def generate(checkpoint, data_bin, src, tgt, flags, beam, lenpen, max_tokens, cpu):
+    """Decode the test set of src->tgt with fairseq-generate; hypotheses in input order."""
+    cmd = [
+        sys.executable, "-m", "fairseq_cli.generate", data_bin, "--user-dir", PLUGIN_DIR,
+        *flags, "--source-lang", src, "--target-lang", tgt, "--path", checkpoint,
+        "--gen-subset", "test", "--beam", str(beam), "--lenpen", str(lenpen),
+        "--max-tokens", str(max_tokens), "--post-process", "sentencepiece",
+        "--num-workers", "0", "--seed", "1",
+    ] + (["--cpu"] if cpu else [])
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise EvaluationError(f"fairseq-generate {src}-{tgt} failed:\n{run.stderr[-3000:]}")
+    hyps = {}
+    for line in run.stdout.splitlines():
+        m = re.match(r"^D-(\d+)\t[^\t]*\t?(.*)$", line)
+        if m:
+            hyps[int(m.group(1))] = m.group(2)
+    return [hyps[i] for i in sorted(hyps)], hyps
+
+
+@torch.no_grad()
+def strata_passes(checkpoint, data_bin, max_tokens, cpu):
+    """Mean passes per token per SMoE block, per direction, on the test set (teacher forcing)."""
+    from fairseq import checkpoint_utils, utils
+
+    import fairseq_smoe  # noqa: F401
+
+    models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(
+        [checkpoint], arg_overrides={"data": data_bin}
+    )
+    model = models[0].eval()
+    if not cpu:
+        model.cuda()
+    if not hasattr(model, "smoe_blocks"):
+        return {}
+    task.load_dataset("test")
+    itr = task.get_batch_iterator(
+        dataset=task.dataset("test"), max_tokens=max_tokens,
+        max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
+    ).next_epoch_itr(shuffle=False)
+    names = task.direction_names
+    totals = {}
+    for sample in itr:
+        sample = sample if cpu else utils.move_to_cuda(sample)
+        model(**sample["net_input"])
+        for side in ("encoder", "decoder"):
+            blocks = model.smoe_blocks(side)
+            if not blocks:
+                continue
+            passes = sum(b.passes_TB.sum(0) for b in blocks).double()
+            tokens = sum(b.routed_TB.sum(0) for b in blocks).double()
+            for d in sample["direction"].unique().tolist():
+                sel = sample["direction"].to(passes.device) == d
+                acc = totals.setdefault((names[d], side), [0.0, 0.0])
+                acc[0] += passes[sel].sum().item()
+                acc[1] += tokens[sel].sum().item()
+    return {k: p / t for k, (p, t) in totals.items() if t > 0}
+
+
+def score(hyps, refs, srcs):
+    return {
+        "bleu": sacrebleu.corpus_bleu(hyps, [refs]).score,
+        "chrf": sacrebleu.corpus_chrf(hyps, [refs]).score,
+        "chrf++": sacrebleu.corpus_chrf(hyps, [refs], word_order=2).score,
+        "copy_chrf": sacrebleu.corpus_chrf(srcs, [refs]).score,
+    }
+
+
+COLUMNS = ["direction", "lines", "bleu", "chrf", "chrf++", "copy_chrf", "rc_enc", "rc_dec"]
+
+
+def write_tables(rows, out_dir):
+    with open(os.path.join(out_dir, "scores.csv"), "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+    mean = {c: sum(r[c] for r in rows) / len(rows) for c in COLUMNS[2:] if all(isinstance(r[c], float) for r in rows)}
+    lines.append("| **mean** | " + " | ".join(fmt(mean.get(c, "")) for c in COLUMNS[1:]) + " |")
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, "scores.md"), "w", encoding="utf-8") as f:
+        f.write(table)
+    return table
+
+
+def evaluate(checkpoint, data_dir, out_dir, beam=5, lenpen=1.0, max_tokens=4096, cpu=None):
+    cpu = (not torch.cuda.is_available()) if cpu is None else cpu
+    data_bin = os.path.join(data_dir, "data-bin")
+    pairs_file = os.path.join(data_dir, "lang_pairs.txt")
+    for needed in (data_bin, pairs_file):
+        if not os.path.exists(needed):
+            raise EvaluationError(f"{needed} is missing; prepare DATA_DIR with python -m data_prep.spm_binarize")
+    directions = [d for d in read_lines(pairs_file)[0].split(",") if d]
+    flags = task_args(checkpoint)
+    os.makedirs(out_dir, exist_ok=True)
+    passes = strata_passes(checkpoint, data_bin, max_tokens, cpu)
+    rows = []
+    for direction in directions:
+        src, tgt = direction.split("-")
+        raw = os.path.join(data_dir, "raw", f"test.{direction}")
+        srcs, refs = read_lines(f"{raw}.{src}"), read_lines(f"{raw}.{tgt}")
+        hyps, by_id = generate(checkpoint, data_bin, src, tgt, flags, beam, lenpen, max_tokens, cpu)
+        if len(hyps) != len(refs) or sorted(by_id) != list(range(len(refs))):
+            raise EvaluationError(
+                f"{direction}: fairseq-generate returned {len(hyps)} translations for "
+                f"{len(refs)} test lines ({raw}.{tgt}); no line may be lost"
+            )
+        with open(os.path.join(out_dir, f"hyp.{direction}.{tgt}"), "w", encoding="utf-8") as f:
+            f.write("\n".join(hyps) + "\n")
+        row = {"direction": direction, "lines": len(refs), **score(hyps, refs, srcs)}
+        row["rc_enc"] = passes.get((direction, "encoder"), "")
+        row["rc_dec"] = passes.get((direction, "decoder"), "")
+        rows.append(row)
+        print(f"{direction}: chrF {row['chrf']:.1f} BLEU {row['bleu']:.1f} ({len(hyps)} lines)", flush=True)
+    return rows, write_tables(rows, out_dir)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint")
+    p.add_argument("data_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--beam", type=int, default=5)
+    p.add_argument("--lenpen", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=4096)
+    p.add_argument("--cpu", action="store_true", default=None, help="decode on CPU (default: when no GPU)")
+    a = p.parse_args(argv)
+    try:
+        _, table = evaluate(a.checkpoint, a.data_dir, a.out_dir, a.beam, a.lenpen, a.max_tokens, a.cpu)
+    except EvaluationError as err:
+        sys.exit(f"error: {err}")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
