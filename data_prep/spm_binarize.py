@@ -36,14 +36,20 @@ Steps (each skipped on a re-run when its inputs and options are unchanged, see *
    as references for scoring (for de-en the en-de lines with the roles swapped).
 
 SentencePiece choices: unigram, ``character_coverage`` 1.0 (every character of the train text
-gets a piece), ``nmt_nfkc`` normalisation (sentencepiece's default; the summary counts the lines
-whose decoded pieces differ from the raw line because of it).  Training is deterministic: the
-model is trained from a Python iterator (so no path ends up inside ``spm.model``), with a fixed
-thread count (``--spm-threads``; the learned vocabulary depends on it) and a fixed seed for
-the sampling that kicks in above ``--max-spm-sentences`` sentences.  If ``--vocab-size`` is
-larger than the text allows, we FAIL with the maximum SentencePiece reports instead of
-silently training a smaller vocabulary (``hard_vocab_limit=False``): the vocabulary size is an
-experiment setting and should not change behind the user's back.
+gets a piece) and ``nmt_nfkc`` normalisation (sentencepiece's default).  Whitespace other than
+' ' (tab, U+0085, U+2028, ...) becomes ' ' first: fairseq splits tokens on any whitespace and
+would silently drop or split a piece holding it.  The summary counts the lines whose decoded
+pieces differ from the raw line because of this normalisation (none in the Bible fixture), and
+the ``<unk>`` pieces (characters absent from the train text; the fairseq dictionary is built
+from the encoded train text, so they are ``<unk>`` there too).
+
+Determinism: the model is trained from a Python iterator (so no path ends up inside
+``spm.model``), with a fixed thread count (``--spm-threads``: the learned vocabulary depends on
+it, so it is NOT tied to ``--workers``) and a fixed seed for the sampling that starts above
+``--max-spm-sentences`` sentences.  If ``--vocab-size`` is larger than the text allows, we FAIL
+with the maximum that SentencePiece reports, rather than silently training a smaller vocabulary
+with ``hard_vocab_limit=False``: the vocabulary size is an experiment setting and should not
+change behind the user's back.
 
 Re-runs: each step writes ``OUT/.stamps/{step}.json`` holding a hash of its inputs (file
 contents, not times) and options, plus the sizes of its outputs.  A step is skipped when the
@@ -88,6 +94,10 @@ STAMP_VERSION = 1  # bump when a step changes what it writes, to invalidate old 
 _LANG = r"[A-Za-z0-9_]+"  # no '-', '.', ',' : they separate pairs, file-name parts, lists
 _PAIR_RE = re.compile(rf"^({_LANG})-({_LANG})$")
 _ENCODE_BATCH = 10_000  # lines per sentencepiece call
+# Whitespace other than ' ' (tab, NEL U+0085, U+2028, ...).  SentencePiece keeps some of it
+# inside pieces, and fairseq splits tokens on any whitespace, so such a piece would silently
+# vanish or split in the binarized data.  It becomes ' ' before SentencePiece sees the text.
+_OTHER_WHITESPACE = re.compile(r"[^\S ]")
 
 
 class DataPrepError(Exception):
@@ -147,6 +157,10 @@ def _write_if_changed(path: Path, data: bytes) -> bool:
         return False
     _write_atomic(path, data)
     return True
+
+
+def _clean(line: str) -> str:
+    return _OTHER_WHITESPACE.sub(" ", line)
 
 
 def _read_lines(path: Path):
@@ -358,7 +372,7 @@ def train_spm(train_files, out_dir: Path, vocab_size: int, character_coverage: f
         for _, rf in train_files:
             for line in _read_lines(rf.path):
                 if line.strip():
-                    yield line
+                    yield _clean(line)
 
     model = io.BytesIO()
     spm.set_random_generator_seed(SPM_SEED)
@@ -381,9 +395,10 @@ def train_spm(train_files, out_dir: Path, vocab_size: int, character_coverage: f
             ) from None
         if too_low:
             raise DataPrepError(
-                f"--vocab-size {vocab_size} is too small: the train text has {too_low.group(2)} "
-                f"distinct characters (+ special pieces) and character_coverage "
-                f"{character_coverage} keeps them all. Pass a larger --vocab-size or a lower "
+                f"--vocab-size {vocab_size} is too small: with character_coverage "
+                f"{character_coverage} every character of the train text needs its own piece, "
+                f"so SentencePiece needs at least {too_low.group(2)} pieces (special pieces "
+                f"included). Pass --vocab-size {too_low.group(2)} or more, or a lower "
                 f"--character-coverage."
             ) from None
         raise DataPrepError(f"SentencePiece training failed: {msg}") from None
@@ -400,6 +415,7 @@ def train_spm(train_files, out_dir: Path, vocab_size: int, character_coverage: f
 def encode_file(sp, raw: RawFile, dest: Path, threads: int) -> dict:
     """SentencePiece pieces of every raw line -> dest (one line per line, even blank ones)."""
     written = changed = unknown = 0
+    unknown_examples: list[str] = []
     tmp = dest.with_name(dest.name + ".tmp")
     dest.parent.mkdir(parents=True, exist_ok=True)
     unk = sp.unk_id()
@@ -410,11 +426,15 @@ def encode_file(sp, raw: RawFile, dest: Path, threads: int) -> dict:
             nonlocal written, changed, unknown
             # str pieces keep the surface of characters unknown to the model (ids would
             # turn them into '<unk>'); fairseq maps them to its <unk> anyway
-            pieces = sp.encode(batch, out_type=str, num_threads=threads)
+            pieces = sp.encode([_clean(line) for line in batch], out_type=str, num_threads=threads)
             for line, line_pieces, decoded in zip(batch, pieces, sp.decode(pieces)):
                 out.write(" ".join(line_pieces) + "\n")
                 changed += decoded != line
-                unknown += sp.piece_to_id(line_pieces).count(unk) if line_pieces else 0
+                for piece, pid in zip(line_pieces, sp.piece_to_id(line_pieces)):
+                    if pid == unk:
+                        unknown += 1
+                        if piece not in unknown_examples and len(unknown_examples) < 8:
+                            unknown_examples.append(piece)
             written += len(batch)
             batch.clear()
 
@@ -428,6 +448,7 @@ def encode_file(sp, raw: RawFile, dest: Path, threads: int) -> dict:
         raise DataPrepError(f"encoding {raw.path} wrote {written} lines, expected {raw.lines}")
     os.replace(tmp, dest)
     return {"lines": written, "normalized_lines": changed, "spm_unk": unknown,
+            "spm_unk_examples": unknown_examples,
             "sha256": _sha256_file(dest)}
 
 
@@ -475,8 +496,9 @@ def read_idx_sizes(idx: Path) -> array:
 
 
 def count_pieces(path: Path) -> list[int]:
+    """Pieces per line as written (split on ' ' only, unlike fairseq's split on any whitespace)."""
     with open(path, encoding="utf-8", newline="\n") as f:
-        return [len(line.split()) for line in f]
+        return [len(line[:-1].split(" ")) if line[:-1] else 0 for line in f]
 
 
 def check_binarized(data_bin: Path, spm_dir: Path, split: str, pair: Pair, raw: tuple) -> None:
@@ -632,6 +654,18 @@ def prepare(raw_dir, pairs, out_dir, vocab_size: int = DEFAULT_VOCAB_SIZE,
         key = {"dict": dict_info["sha256"], "encoded": [(n, enc_info[n]["sha256"]) for n in names],
                "dataset_impl": "mmap", "fairseq": _fairseq_version()}
         runner.run(f"binarize.{pair.name}", key, binarize)
+        # a split whose raw files are gone must not leave older outputs for fairseq to load
+        for split in skipped.get(pair.name, []):
+            stale = [data_bin / f"{split}.{pair.name}.{l}.{ext}"
+                     for l in (pair.src, pair.tgt) for ext in ("bin", "idx")]
+            stale += [spm_dir / f"{split}.{pair.name}.{l}" for l in (pair.src, pair.tgt)]
+            if split == "test":
+                stale += [out_dir / "raw" / f"test.{s}-{t}.{l}" for s, t in (
+                    (pair.src, pair.tgt), (pair.tgt, pair.src)) for l in (s, t)]
+            for path in stale:
+                if path.is_file():
+                    path.unlink()
+                    log(f"removed {path} (from an earlier run; {split} {pair.name} has no raw files now)")
         # cheap re-check on every run: the sentence counts fairseq wrote = raw line counts
         for split in splits:
             for lang, rf in zip((pair.src, pair.tgt), files[(split, pair.name)]):
@@ -671,12 +705,15 @@ def prepare(raw_dir, pairs, out_dir, vocab_size: int = DEFAULT_VOCAB_SIZE,
             if rf.crlf_lines:
                 warnings.append(f"{rf.path.name}: {rf.crlf_lines} lines end in \\r\\n "
                                 f"(\\r stripped before SentencePiece; raw/test copies keep it)")
-    for name, info in enc_info.items():
+    for split, pair, lang, _ in jobs:
+        name = f"{split}.{pair.name}.{lang}"
+        info = enc_info[name]
         if info["normalized_lines"]:
             warnings.append(f"{name}: {info['normalized_lines']} lines change under SentencePiece "
                             f"normalisation (NFKC / whitespace), decoding will not restore them")
         if info["spm_unk"]:
-            warnings.append(f"{name}: {info['spm_unk']} characters unknown to SentencePiece (<unk>)")
+            warnings.append(f"{name}: {info['spm_unk']} pieces are <unk> (characters not in the "
+                            f"train text): {' '.join(info['spm_unk_examples'])}")
     summary = {
         "out_dir": str(out_dir), "data_bin": str(data_bin), "spm_model": str(model_path),
         "dict": str(dict_path), "langs": langs, "lang_pairs": lang_pairs,

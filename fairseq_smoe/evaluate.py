@@ -153,6 +153,7 @@ def write_tables(rows, out_dir):
 
 
 def evaluate(checkpoint, data_dir, out_dir, beam=5, lenpen=1.0, max_tokens=4096, cpu=None):
+    checkpoint, data_dir, out_dir = str(checkpoint), str(data_dir), str(out_dir)
     cpu = (not torch.cuda.is_available()) if cpu is None else cpu
     data_bin = os.path.join(data_dir, "data-bin")
     pairs_file = os.path.join(data_dir, "lang_pairs.txt")
