@@ -1,7 +1,9 @@
 """Label-smoothed cross-entropy plus the SMoE balance loss, with routing statistics.
 
 loss = LS-CE summed over target tokens + moe_gate_loss_wt * sample_size * mean over SMoE
-blocks of each block's balance loss (itself averaged over the block's passes), spec §2.
+blocks of each block's balance loss (itself averaged over the block's passes), spec §2,
++ for CMR models cmr_gate_loss_wt * sample_size * |sum of CMR gates / #tokens - cmr_gate_loss_p|
+(sums over every CMR slot and every non-padding token of the batch, spec §1.10).
 """
 
 import math
@@ -23,18 +25,44 @@ class SMoELabelSmoothedCrossEntropyConfig(LabelSmoothedCrossEntropyCriterionConf
     moe_gate_loss_wt: float = field(
         default=0.01, metadata={"help": "weight of the SMoE balance loss (paper: 0.01)"}
     )
+    cmr_gate_loss_wt: float = field(
+        default=0.01,
+        metadata={"help": "weight of the CMR budget loss |mean gate - p| (paper: 0.01); "
+                  "only used by models with --moe-cmr"},
+    )
+    cmr_gate_loss_p: float = field(
+        default=0.8,
+        metadata={"help": "CMR budget: target mean gate, the share of the MoE in the mix "
+                  "(paper: 0.8)"},
+    )
 
 
 def _blocks(model, side):
     return model.smoe_blocks(side) if hasattr(model, "smoe_blocks") else []
 
 
+def _cmr_blocks(model):
+    if not hasattr(model, "cmr_blocks"):
+        return []
+    return model.cmr_blocks("encoder") + model.cmr_blocks("decoder")
+
+
+def cmr_gate_loss(cmr_blocks, p: float):
+    """(|sum g / #tokens - p|, sum g, #tokens) over all CMR slots; the gate sum keeps its grad."""
+    gate_sum = torch.stack([b.gate_sum for b in cmr_blocks]).sum()
+    count = torch.stack([torch.as_tensor(b.gate_count, device=gate_sum.device) for b in cmr_blocks]).sum()
+    return (gate_sum / count.clamp_min(1) - p).abs(), gate_sum, count
+
+
 @register_criterion("smoe_label_smoothed_cross_entropy", dataclass=SMoELabelSmoothedCrossEntropyConfig)
 class SMoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
     def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0,
-                 report_accuracy=False, moe_gate_loss_wt=0.01):
+                 report_accuracy=False, moe_gate_loss_wt=0.01, cmr_gate_loss_wt=0.01,
+                 cmr_gate_loss_p=0.8):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         self.moe_gate_loss_wt = moe_gate_loss_wt
+        self.cmr_gate_loss_wt = cmr_gate_loss_wt
+        self.cmr_gate_loss_p = cmr_gate_loss_p
 
     def forward(self, model, sample, reduce=True):
         net_output = model(**sample["net_input"])
@@ -58,6 +86,13 @@ class SMoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion)
                 log[f"rc_{side}_tokens"] = sum(b.routed_TB.sum() for b in blocks) if blocks else 0
             log["moe_dropped"] = sum(b.dropped for b in enc + dec)
             log["moe_assigned"] = sum(b.assigned for b in enc + dec)
+        cmr = _cmr_blocks(model)
+        if cmr:
+            cmr_loss, gate_sum, gate_count = cmr_gate_loss(cmr, self.cmr_gate_loss_p)
+            loss = loss + self.cmr_gate_loss_wt * sample_size * cmr_loss
+            log["cmr_gate_loss"] = cmr_loss.detach() * sample_size
+            log["cmr_gate_sum"] = gate_sum.detach()
+            log["cmr_gate_count"] = gate_count
         log["loss"], log["nll_loss"] = loss.data, nll_loss.data
 
         if DIRECTION_KEY in sample:
@@ -105,6 +140,11 @@ class SMoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion)
             assigned = total("moe_assigned")
             if assigned > 0:
                 metrics.log_scalar("dropped", total("moe_dropped") / assigned, assigned, round=4)
+        if any("cmr_gate_loss" in log for log in logging_outputs) and sample_size > 0:
+            metrics.log_scalar("cmr_gate_loss", total("cmr_gate_loss") / sample_size, sample_size, round=4)
+            gates = total("cmr_gate_count")
+            if gates > 0:
+                metrics.log_scalar("cmr_gate", total("cmr_gate_sum") / gates, gates, round=4)
 
         names = sorted({k.split(":", 1)[1] for log in logging_outputs for k in log if k.startswith("dir_ntok:")})
         for name in names:

@@ -1,5 +1,6 @@
 """``smoe_transformer``: fairseq's Transformer with every ``--moe-freq``-th FFN an SMoE block."""
 
+import re
 from typing import List
 
 from fairseq.distributed import fsdp_wrap
@@ -14,6 +15,7 @@ from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 
 from ..modules.config import RESIDUAL_MODES, SECOND_EXPERT_POLICIES, SMoEConfig, parse_strata
 from ..modules.layers import SMoEDecoderLayer, SMoEEncoderLayer
+from ..modules.cmr import CMRBlock
 from ..modules.smoe_block import SMoEBlock
 
 
@@ -33,6 +35,9 @@ def smoe_config(args, embed_dim: int, ffn_dim: int) -> SMoEConfig:
         route_padding=args.moe_route_padding,
         dropout=args.dropout,
         activation_dropout=args.activation_dropout,
+        stack=args.moe_stack,
+        cmr=args.moe_cmr,
+        cmr_gate_drop=args.cmr_gate_drop,
     )
 
 
@@ -108,6 +113,16 @@ class SMoETransformerModel(TransformerModel):
         parser.add_argument("--moe-route-padding", action="store_true",
                             help="route padding tokens like real ones (official behaviour; "
                             "default: padding takes no capacity)")
+        parser.add_argument("--moe-stack", type=int, metavar="N",
+                            help="stacked-MoE baseline: N plain top-2 MoE layers in sequence in "
+                            "each MoE FFN slot, --moe-expert-count/N experts each, one pre-LN and "
+                            "one residual around the stack (default: 1, no stacking)")
+        parser.add_argument("--moe-cmr", action="store_true",
+                            help="CMR baseline: mix a shared dense FFN with the MoE by a per-token "
+                            "sigmoid gate, out = h + (1-g) FFN(u) + g MoE(u); train with the "
+                            "criterion's --cmr-gate-loss-wt/--cmr-gate-loss-p budget loss")
+        parser.add_argument("--cmr-gate-drop", type=float, metavar="P",
+                            help="dropout on the CMR gate (paper: 0.1; default: 0.0)")
 
     @classmethod
     def build_model(cls, args, task):
@@ -128,8 +143,13 @@ class SMoETransformerModel(TransformerModel):
         return SMoETransformerDecoder(cfg, tgt_dict, embed_tokens, no_encoder_attn=cfg.no_cross_attention)
 
     def smoe_blocks(self, side: str) -> List[SMoEBlock]:
-        """The SMoE blocks of ``side`` ('encoder' or 'decoder'), in layer order."""
+        """The SMoE blocks of ``side`` ('encoder' or 'decoder'), in layer order (each layer of
+        a stacked-MoE slot is one block)."""
         return [m for m in getattr(self, side).modules() if isinstance(m, SMoEBlock)]
+
+    def cmr_blocks(self, side: str) -> List[CMRBlock]:
+        """The CMR slots of ``side`` ('encoder' or 'decoder'), in layer order."""
+        return [m for m in getattr(self, side).modules() if isinstance(m, CMRBlock)]
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         try:
@@ -139,20 +159,25 @@ class SMoETransformerModel(TransformerModel):
 
 
 def _describe_smoe(state_dict) -> str:
-    """'E experts, strata a,b,...' of the first SMoE block in a state dict."""
-    visible = {}  # router index -> experts it scores (its stratum and all later ones)
-    block = None
+    """'E experts, strata a,b,...' (plus stacking / CMR) of the first MoE slot in a state dict."""
+    routers = {}  # block prefix -> {router index: experts it scores}, in state-dict order
     for name, tensor in state_dict.items():
-        if ".moe.routers." in name:
-            prefix, rest = name.split(".moe.routers.")
-            block = block or prefix
-            if prefix == block:
-                visible[int(rest.split(".")[0])] = tensor.shape[0]
-    if not visible:
+        m = re.match(r"^(.*\.moe(?:\.[^.]+)*?)\.routers\.(\d+)\.weight$", name)
+        if m:
+            routers.setdefault(m.group(1), {})[int(m.group(2))] = tensor.shape[0]
+    if not routers:
         return "no SMoE blocks (a dense model?)"
-    V = [visible[i] for i in sorted(visible)] + [0]
+    block = next(iter(routers))
+    slot = block[: block.index(".moe") + len(".moe")]
+    V = [routers[block][i] for i in sorted(routers[block])] + [0]
     strata = [V[s] - V[s + 1] for s in range(len(V) - 1)]
-    return f"{V[0]} experts per block in strata {','.join(map(str, strata))}"
+    stacked = sum(1 for b in routers if b.startswith(slot + "."))
+    text = f"{V[0]} experts per block in strata {','.join(map(str, strata))}"
+    if stacked > 1:
+        text = f"{stacked} stacked MoE layers of {V[0]} experts per slot"
+    if f"{slot}.gate.weight" in state_dict:
+        text += ", with CMR"
+    return text
 
 
 def _mismatch_message(model, state_dict) -> str:
@@ -160,7 +185,7 @@ def _mismatch_message(model, state_dict) -> str:
         f"The checkpoint does not fit this smoe_transformer model: the checkpoint has "
         f"{_describe_smoe(state_dict)}, this model has {_describe_smoe(model.state_dict())}. "
         f"Build the model with the checkpoint's flags (--arch, --moe-expert-count, "
-        f"--smoe-strata, --moe-freq, dims), or train into a new --save-dir instead of "
+        f"--smoe-strata, --moe-stack, --moe-cmr, --moe-freq, dims), or train into a new --save-dir instead of "
         f"resuming this one."
     )
 
@@ -183,8 +208,10 @@ def smoe_base_architecture(args):
     _default(args, "moe_second_expert_policy", "sampling")
     _default(args, "moe_eom", 0.0)
     _default(args, "smoe_residual", "official")
-    for flag in ("moe_top1_expert", "moe_inference_noise", "moe_route_padding"):
+    for flag in ("moe_top1_expert", "moe_inference_noise", "moe_route_padding", "moe_cmr"):
         _default(args, flag, False)
+    _default(args, "moe_stack", 1)
+    _default(args, "cmr_gate_drop", 0.0)
     _default(args, "moe_eval_capacity_token_fraction", None)
     base_architecture(args)
 

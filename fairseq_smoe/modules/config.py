@@ -53,6 +53,11 @@ class SMoEConfig:
     route_padding: bool = False
     dropout: float = 0.0  # on expert outputs (the layer's --dropout)
     activation_dropout: float = 0.0
+    # Baselines built around the block (modules/stacked.py, modules/cmr.py); the block itself
+    # ignores these fields.
+    stack: int = 1  # plain MoE layers in sequence in one FFN slot, E/stack experts each
+    cmr: bool = False  # CMR: mix a shared dense FFN with the MoE by a per-token sigmoid gate
+    cmr_gate_drop: float = 0.0  # dropout on the CMR gate
 
     def __post_init__(self):
         if self.embed_dim < 1 or self.ffn_dim < 1:
@@ -74,6 +79,21 @@ class SMoEConfig:
             raise ValueError(
                 f"--moe-capacity-factor must be > 0, got {self.capacity_factor}"
             )
+        if self.stack < 1:
+            raise ValueError(f"--moe-stack must be >= 1, got {self.stack}")
+        if self.stack > 1 and self.num_strata > 1:
+            raise ValueError(
+                f"--moe-stack {self.stack} stacks plain MoE layers; it cannot be combined with "
+                f"--smoe-strata (got strata {','.join(map(str, self.strata))})"
+            )
+        if self.num_experts % self.stack != 0:
+            raise ValueError(
+                f"--moe-stack {self.stack} splits the {self.num_experts} experts of "
+                f"--moe-expert-count evenly over the stacked layers; "
+                f"{self.num_experts} is not divisible by {self.stack}"
+            )
+        if not 0.0 <= self.cmr_gate_drop < 1.0:
+            raise ValueError(f"--cmr-gate-drop must be in [0, 1), got {self.cmr_gate_drop}")
 
     @property
     def num_experts(self) -> int:

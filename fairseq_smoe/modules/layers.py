@@ -1,16 +1,26 @@
-"""fairseq Transformer layers whose FFN sub-layer is an SMoE block.
+"""fairseq Transformer layers whose FFN sub-layer is an SMoE block (or a baseline built on it).
 
 We keep fairseq's own layer code for attention (incremental decoding, cross-attention, ...)
 and only swap the FFN: ``build_fc1``/``build_fc2`` build a dense FFN that contributes exactly
-zero (a scalar 0 broadcast into the residual add, no compute), and the SMoE block, which
-owns the FFN LayerNorm and residual, runs on the layer's output.
+zero (a scalar 0 broadcast into the residual add, no compute), and the MoE slot, which owns
+the FFN LayerNorm and residual, runs on the layer's output. ``build_moe_slot`` picks the slot:
+an SMoE block (one stratum = vanilla MoE / Switch), stacked plain MoE layers (``stack > 1``),
+either of them wrapped in CMR (``cmr``).
 """
 
 from torch import Tensor, nn
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
 
+from .cmr import CMRBlock
 from .config import SMoEConfig
 from .smoe_block import SMoEBlock
+from .stacked import StackedMoE
+
+
+def build_moe_slot(cfg: SMoEConfig) -> nn.Module:
+    """The FFN slot module for ``cfg``: ``x_TBd, padding_mask_BT -> x_TBd`` with residual."""
+    moe = StackedMoE(cfg) if cfg.stack > 1 else SMoEBlock(cfg)
+    return CMRBlock(cfg, moe) if cfg.cmr else moe
 
 
 class _ZeroFFN(nn.Module):
@@ -28,7 +38,7 @@ class SMoEEncoderLayer(TransformerEncoderLayerBase):
     def __init__(self, cfg, smoe_cfg: SMoEConfig, return_fc: bool = False):
         super().__init__(cfg, return_fc=return_fc)
         _disable_dense_ffn(self)
-        self.moe = SMoEBlock(smoe_cfg)
+        self.moe = build_moe_slot(smoe_cfg)
 
     def build_fc1(self, input_dim, output_dim, q_noise, qn_block_size):
         return _ZeroFFN()
@@ -47,7 +57,7 @@ class SMoEDecoderLayer(TransformerDecoderLayerBase):
     def __init__(self, cfg, smoe_cfg: SMoEConfig, no_encoder_attn=False, add_bias_kv=False, add_zero_attn=False):
         super().__init__(cfg, no_encoder_attn=no_encoder_attn, add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn)
         _disable_dense_ffn(self)
-        self.moe = SMoEBlock(smoe_cfg)
+        self.moe = build_moe_slot(smoe_cfg)
 
     def build_fc1(self, input_dim, output_dim, q_noise, qn_block_size):
         return _ZeroFFN()

@@ -1,0 +1,78 @@
+"""CMR baseline (Conditional MoE Routing; spec §1.10): a shared dense FFN mixed with the MoE
+by a per-token sigmoid gate.
+
+With u = LN(h) the slot's normalised input (the MoE's own pre-LN) and g the gate,
+
+    g   = dropout(sigmoid(w . u + b))        # torch dropout: kept gates are scaled by 1/(1-p)
+    out = h + (1 - g) * FFN_shared(u) + g * MoE(u)
+
+FFN_shared has an expert's shape (Linear d->d_ff, ReLU, activation dropout, Linear d_ff->d,
+dropout). The gate is zeroed at padding positions (unless padding is routed) and the
+criterion adds the budget loss |sum g / #tokens - p| over all CMR slots of the model.
+
+We write the slot as a convex mix of the two sub-layer outputs,
+``out = (1 - g) * (h + FFN_shared(u)) + g * moe(h)``, where ``moe(h)`` is the wrapped slot
+output including its residual. For a one-stratum block, a stacked MoE, or SMoE with
+``--smoe-residual paper`` (moe(h) = h + update) this is exactly the formula above. With the
+official residual and L > 1 strata the SMoE output has passed the exit LayerNorm, so the
+mix is between the dense path and the normalised SMoE output (the official code could not
+combine CMR with SMoE at all).
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import SMoEConfig
+
+
+class CMRBlock(nn.Module):
+    """``x_TBd -> x_TBd``: shared FFN + gate around ``moe`` (an SMoEBlock or StackedMoE, which
+    owns the pre-LN ``ffn_norm`` and the residual).
+
+    After each forward: ``gate_sum`` (sum of the gates over counted tokens, with grad, for
+    the budget loss) and ``gate_count`` (counted tokens: non-padding unless padding is routed).
+    """
+
+    def __init__(self, cfg: SMoEConfig, moe: nn.Module):
+        super().__init__()
+        self.cfg = cfg
+        self.moe = moe
+        d, f = cfg.embed_dim, cfg.ffn_dim
+        self.gate = nn.Linear(d, 1)
+        self.shared_fc1 = nn.Linear(d, f)
+        self.shared_fc2 = nn.Linear(f, d)
+        self.gate_sum: Optional[Tensor] = None
+        self.gate_count: Optional[Tensor] = None
+
+    @property
+    def ffn_norm(self) -> nn.Module:
+        return self.moe.ffn_norm
+
+    def shared_ffn(self, u: Tensor) -> Tensor:
+        h = F.relu(self.shared_fc1(u))
+        h = F.dropout(h, p=self.cfg.activation_dropout, training=self.training)
+        return F.dropout(self.shared_fc2(h), p=self.cfg.dropout, training=self.training)
+
+    def gates(self, u_TBd: Tensor, padding_mask_BT: Optional[Tensor]):
+        """(g_TB in fp32 after dropout and padding mask, number of counted tokens)."""
+        logit = F.linear(u_TBd.float(), self.gate.weight.float(), self.gate.bias.float())
+        g = F.dropout(torch.sigmoid(logit.squeeze(-1)), p=self.cfg.cmr_gate_drop, training=self.training)
+        if padding_mask_BT is not None and not self.cfg.route_padding:
+            keep_TB = ~padding_mask_BT.t()
+            return g * keep_TB.to(g.dtype), keep_TB.sum()
+        return g, torch.tensor(g.numel(), device=g.device)
+
+    def forward(self, x_TBd: Tensor, padding_mask_BT: Optional[Tensor] = None) -> Tensor:
+        u = self.ffn_norm(x_TBd)
+        g_TB, count = self.gates(u, padding_mask_BT)
+        dense = x_TBd + self.shared_ffn(u)
+        moe = self.moe(x_TBd, padding_mask_BT)
+        g = g_TB.to(x_TBd.dtype).unsqueeze(-1)
+        self.gate_sum, self.gate_count = g_TB.sum(), count
+        return (1 - g) * dense + g * moe
+
+    def extra_repr(self) -> str:
+        return f"gate_drop={self.cfg.cmr_gate_drop}"

@@ -1,0 +1,331 @@
+#!/usr/bin/env python
+"""Benchmark one SMoE block against its compute floor and against fairseq's one-hot dispatch.
+
+    python scripts/benchmark_layer.py [--device cpu|cuda] [--json] [--quick] [--tokens N]
+
+For each configuration (M4 size: d 512, FFN 2048, 8 experts in strata 4-4 and 2-2-2-2; M15
+size: d 1024, FFN 4096, 16 experts in strata 4-12 and 4-4-4-4) and each mode (``fwd``: forward
+with autograd off, ``fwd_bwd``: forward + backward of the output and the balance loss), all in
+training mode (capacity applies, dropout 0, deterministic ``all`` second-expert policy), it
+times three variants on the same input and the same routing decisions:
+
+* ``ours``: ``SMoEBlock`` (fairseq_smoe/modules/smoe_block.py);
+* ``floor``: one dense FFN d -> FFN -> d (the experts' shape) over as many rows as the expert
+  assignments ``ours`` actually computed (kept after capacity, summed over strata passes):
+  the expert GEMMs alone, with no routing, dispatch or combine;
+* ``onehot``: the same stratified block with the classic GShard dispatch of fairseq's MoE
+  branch: per pass, a one-hot combine tensor of shape (tokens, experts, capacity) built from
+  the gate weights (so the gate gradient flows through it), einsum dispatch and combine.
+
+Timings are medians over repetitions after a warm-up; the variants are interleaved (in
+rotating order) so that machine noise hits them alike, and only ratios measured in the same
+run are reported. Peak memory is the peak of the bytes allocated during one call (forward, or
+forward + backward), beyond what was allocated before it: on CUDA from the allocator's
+statistics, on CPU by tracking every tensor storage created during the call.
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from fairseq_smoe.modules import SMoEBlock, SMoEConfig  # noqa: E402
+from fairseq_smoe.modules.routing import balance_loss, expert_capacity, select_experts  # noqa: E402
+
+CONFIGS = {  # name: (embed dim, FFN dim, strata)
+    "m4-4-4": (512, 2048, (4, 4)),
+    "m4-2-2-2-2": (512, 2048, (2, 2, 2, 2)),
+    "m15-4-12": (1024, 4096, (4, 12)),
+    "m15-4-4-4-4": (1024, 4096, (4, 4, 4, 4)),
+}
+MODES = ("fwd", "fwd_bwd")
+VARIANTS = ("ours", "floor", "onehot")
+
+
+# ----------------------------------------------------------------------------- one-hot baseline
+
+
+def onehot_smoe_forward(block: SMoEBlock, x_TBd: Tensor, padding_mask_BT: Tensor = None) -> Tensor:
+    """``block``'s forward with fairseq's GShard one-hot dispatch (peers §1.3, spec §1.4-§1.8).
+
+    Same parameters, routing, capacity, slot order, renormalisation, residual modes and
+    statistics as ``SMoEBlock`` (no EoM); only the dispatch and combine differ. Like the
+    official code with ``--only-compute-current-layer-tokens 1``, each pass gathers the tokens
+    at the current stratum (S rows, in batch-major order, which is the slot priority), then:
+    combine weights (S, V, C) = gate * one-hot(expert) * one-hot(slot) for each choice, summed;
+    dispatch mask = combine.bool(); expert inputs = einsum("sec,sm->ecm", dispatch, u); output
+    = einsum("sec,ecm->sm", combine, expert outputs).
+    """
+    cfg = block.cfg
+    assert cfg.eom == 0.0, "the one-hot baseline has no EoM"
+    T, B, d = x_TBd.shape
+    N = T * B
+    x_Nd = x_TBd.reshape(N, d)
+    dev = x_Nd.device
+    if padding_mask_BT is None or cfg.route_padding:
+        routed_N = torch.ones(N, dtype=torch.bool, device=dev)
+    else:
+        routed_N = ~padding_mask_BT.t().reshape(N)
+    bmajor_N = torch.arange(N, device=dev).view(T, B).t().reshape(N)  # batch-major token ids
+    L = cfg.num_strata
+    state_N = torch.where(routed_N, 0, L)
+    passes_N = torch.zeros(N, dtype=torch.long, device=dev)
+    aux_sum = x_Nd.new_zeros((), dtype=torch.float32)
+    dropped = torch.zeros((), dtype=torch.long, device=dev)
+    assigned = torch.zeros((), dtype=torch.long, device=dev)
+    num_passes = 0
+    for c in range(L):
+        idx_S = bmajor_N[(state_N == c)[bmajor_N]]  # host sync (nonzero), as fairseq's gather
+        S = idx_S.numel()
+        if S == 0:
+            continue
+        num_passes += 1
+        first, V = cfg.first_expert(c), cfg.visible_experts(c)
+        xs_Sd = x_Nd.index_select(0, idx_S)
+        u_Sd = block.pre_norm(c)(xs_Sd)
+        logits = F.linear(u_Sd.float(), block.routers[c].weight.float())
+        noisy = block.training or cfg.inference_noise
+        probs_SV, experts_KS, gates_KS, keep_KS = select_experts(
+            logits, cfg.k, cfg.second_expert_policy, noisy
+        )
+        K = experts_KS.size(0)
+        cap = expert_capacity(
+            S, V, K, training=block.training, capacity_factor=cfg.capacity_factor,
+            eval_fraction=cfg.eval_capacity_token_fraction,
+        )
+        C = S if cap is None else cap
+        masks, locs = [], []
+        offset = torch.zeros(V, dtype=torch.long, device=dev)
+        for k in range(K):  # top-1 slots first, top-2 slots offset by the top-1 counts
+            mask_SV = F.one_hot(experts_KS[k], V) * keep_KS[k].long().unsqueeze(1)
+            loc_SV = torch.cumsum(mask_SV, 0) - 1 + offset
+            offset = offset + mask_SV.sum(0)
+            masks.append(mask_SV)
+            locs.append(loc_SV)
+        kept = [m * (l < C) for m, l in zip(masks, locs)]
+        assigned = assigned + sum(m.sum() for m in masks)
+        dropped = dropped + sum(m.sum() - km.sum() for m, km in zip(masks, kept))
+        gates = [(probs_SV * km).sum(1) for km in kept]  # differentiable w.r.t. the router
+        if K == 2:
+            denom = (gates[0] + gates[1]).clamp_min(torch.finfo(probs_SV.dtype).eps)
+            gates = [g / denom for g in gates]
+        combine_SVC = 0
+        for g_S, km, loc in zip(gates, kept, locs):
+            slot_S = (loc * km).sum(1)
+            onehot_SC = F.one_hot(slot_S, C).to(g_S.dtype)
+            combine_SVC = combine_SVC + g_S[:, None, None] * km.to(g_S.dtype)[:, :, None] * onehot_SC[:, None, :]
+        combine_SVC = combine_SVC.to(u_Sd.dtype)
+        dispatch_SVC = combine_SVC.bool().to(u_Sd.dtype)
+        disp_VCd = torch.einsum("sec,sm->ecm", dispatch_SVC, u_Sd)
+        y_VCd = block.experts(disp_VCd, first=first)
+        y_VCd = F.dropout(y_VCd, p=cfg.dropout, training=block.training)
+        moe_Sd = torch.einsum("sec,ecm->sm", combine_SVC, y_VCd)
+        residual_Sd = u_Sd if (cfg.residual == "official" and c > 0) else xs_Sd
+        x_Nd = x_Nd.index_copy(0, idx_S, moe_Sd + residual_Sd)
+        active_N = state_N == c
+        next_S = block.stratum_of_expert[experts_KS[0] + first] + 1
+        state_N = state_N.index_copy(0, idx_S, next_S)
+        passes_N = passes_N + active_N.long()
+        aux_sum = aux_sum + balance_loss(
+            probs_SV, experts_KS[0], torch.ones(S, dtype=torch.bool, device=dev), S
+        )
+    if cfg.residual == "official" and L > 1:
+        x_Nd = block.strata_norms[L - 1](x_Nd)
+    block.aux_loss = aux_sum / max(num_passes, 1)
+    block.passes_TB = passes_N.view(T, B)
+    block.routed_TB = routed_N.view(T, B)
+    block.dropped, block.assigned = dropped, assigned
+    return x_Nd.view(T, B, d)
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+class _PeakBytes(TorchDispatchMode):
+    """Peak bytes of the tensor storages created while active (CPU peak-memory proxy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.current = self.peak = 0
+        self._live = set()
+
+    def _free(self, key, nbytes):
+        self._live.discard(key)
+        self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                key = id(st)
+                if key not in self._live:
+                    nbytes = st.nbytes()
+                    self._live.add(key)
+                    self.current += nbytes
+                    self.peak = max(self.peak, self.current)
+                    weakref.finalize(st, self._free, key, nbytes)
+        return out
+
+
+def peak_mb(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    with _PeakBytes() as mode:
+        fn()
+    return mode.peak / 2**20
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Case:
+    """One configuration: the block, its input, the floor FFN and its rows."""
+
+    def __init__(self, name, tokens, device, seed=0):
+        d, ffn, strata = CONFIGS[name]
+        torch.manual_seed(seed)
+        self.name, self.device = name, device
+        cfg = SMoEConfig(embed_dim=d, ffn_dim=ffn, strata=strata, second_expert_policy="all")
+        self.block = SMoEBlock(cfg).to(device).train()
+        B = 32 if tokens >= 32 else 1
+        T = tokens // B
+        g = torch.Generator().manual_seed(seed + 1)
+        self.x = torch.randn(T, B, d, generator=g).to(device)
+        self.gy = torch.randn(T, B, d, generator=g).to(device)
+        with torch.no_grad():
+            self.block(self.x)
+        self.rows = int(self.block.assigned - self.block.dropped)
+        self.passes = float(self.block.passes_TB.float().mean())
+        self.drop_frac = float(self.block.dropped) / max(int(self.block.assigned), 1)
+        self.floor = nn.Sequential(nn.Linear(d, ffn), nn.ReLU(), nn.Linear(ffn, d)).to(device).train()
+        self.xf = torch.randn(self.rows, d, generator=g).to(device)
+        self.gyf = torch.randn(self.rows, d, generator=g).to(device)
+
+    def _params(self, variant):
+        return self.floor.parameters() if variant == "floor" else self.block.parameters()
+
+    def call(self, variant, mode):
+        for p in self._params(variant):
+            p.grad = None
+        if variant == "floor":
+            if mode == "fwd":
+                with torch.no_grad():
+                    return self.floor(self.xf)
+            x = self.xf.detach().requires_grad_()
+            self.floor(x).backward(self.gyf)
+            return x.grad
+        fwd = self.block if variant == "ours" else (lambda x: onehot_smoe_forward(self.block, x))
+        if mode == "fwd":
+            with torch.no_grad():
+                return fwd(self.x)
+        x = self.x.detach().requires_grad_()
+        out = fwd(x)
+        torch.autograd.backward([out, self.block.aux_loss], [self.gy, torch.ones_like(self.block.aux_loss)])
+        return x.grad
+
+
+def run(names, tokens, reps, warmup, device, log=print):
+    results = []
+    for name in names:
+        case = Case(name, tokens, device)
+        log(f"# {name}: {tokens} tokens, {case.rows} expert rows computed "
+            f"({case.passes:.2f} passes/token, {100 * case.drop_frac:.1f}% assignments dropped)")
+        for mode in MODES:
+            times = {v: [] for v in VARIANTS}
+            for i in range(warmup + reps):
+                order = VARIANTS[i % 3:] + VARIANTS[: i % 3]  # rotate, so noise hits all alike
+                for v in order:
+                    sync(device)
+                    t0 = time.perf_counter()
+                    case.call(v, mode)
+                    sync(device)
+                    if i >= warmup:
+                        times[v].append(time.perf_counter() - t0)
+            ms = {v: 1000 * statistics.median(times[v]) for v in VARIANTS}
+            peaks = {v: peak_mb(lambda: case.call(v, mode), device) for v in ("ours", "onehot")}
+            r = {
+                "config": name, "mode": mode,
+                "ours_ms": round(ms["ours"], 2), "floor_ms": round(ms["floor"], 2),
+                "onehot_ms": round(ms["onehot"], 2),
+                "ours_over_floor": round(ms["ours"] / ms["floor"], 3),
+                "onehot_over_ours": round(ms["onehot"] / ms["ours"], 3),
+                "ours_peak_mb": round(peaks["ours"], 1), "onehot_peak_mb": round(peaks["onehot"], 1),
+                "tokens": tokens, "rows": case.rows, "passes_per_token": round(case.passes, 3),
+            }
+            log(f"  {mode:8s} ours {r['ours_ms']:9.1f} ms  floor {r['floor_ms']:9.1f} ms  "
+                f"onehot {r['onehot_ms']:9.1f} ms  ours/floor {r['ours_over_floor']:.2f}  "
+                f"onehot/ours {r['onehot_over_ours']:.2f}  peak MB ours {r['ours_peak_mb']:.0f} "
+                f"onehot {r['onehot_peak_mb']:.0f}")
+            results.append(r)
+        del case
+    return results
+
+
+def table(results) -> str:
+    head = ("| config | mode | ours ms | floor ms | one-hot ms | ours/floor | one-hot/ours "
+            "| ours peak MB | one-hot peak MB |")
+    lines = [head, "|" + "---|" * 9]
+    for r in results:
+        lines.append(
+            f"| {r['config']} | {r['mode']} | {r['ours_ms']:.1f} | {r['floor_ms']:.1f} | "
+            f"{r['onehot_ms']:.1f} | {r['ours_over_floor']:.2f} | {r['onehot_over_ours']:.2f} | "
+            f"{r['ours_peak_mb']:.0f} | {r['onehot_peak_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--json", action="store_true", help="print the results as a JSON list")
+    p.add_argument("--quick", action="store_true",
+                   help="512 tokens, 1 warm-up + 1 repetition (a smoke run, < 1 min on 2 cores)")
+    p.add_argument("--tokens", type=int, default=None, help="tokens per batch (default 4096)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 5)")
+    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device available")
+    tokens = args.tokens or (512 if args.quick else 4096)
+    reps = args.reps or (1 if args.quick else 5)
+    warmup = 1
+    names = [n for n in args.configs.split(",") if n]
+    for n in names:
+        if n not in CONFIGS:
+            p.error(f"unknown config {n!r}; choose from {', '.join(CONFIGS)}")
+    log = (lambda s: print(s, file=sys.stderr)) if args.json else print
+    log(f"# device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{reps} repetitions after {warmup} warm-up, medians")
+    t0 = time.time()
+    results = run(names, tokens, reps, warmup, device, log)
+    log(f"# total {time.time() - t0:.0f} s")
+    if args.json:
+        print(json.dumps(results, indent=1))
+    else:
+        print()
+        print(table(results))
+
+
+if __name__ == "__main__":
+    main()
