@@ -39,6 +39,17 @@ if [ "$WORLD" -gt 1 ]; then
 fi
 
 mapfile -t FLAGS < <(python -m fairseq_smoe.recipes "$CONFIG" --world-size "$WORLD")
+if [ "${DEVICE_FLAGS[0]:-}" = "--cpu" ]; then
+  # the paper's recipes train in fp16, which fairseq can only do on a GPU
+  KEEP=()
+  for f in "${FLAGS[@]}"; do
+    case $f in
+      --fp16|--memory-efficient-fp16|--bf16) echo "train.sh: no GPU, dropping $f" >&2 ;;
+      *) KEEP+=("$f") ;;
+    esac
+  done
+  FLAGS=("${KEEP[@]}")
+fi
 echo "train.sh: $CONFIG on $WORLD worker(s) ($NGPU GPU(s) visible here)" >&2
 mkdir -p "$SAVE"
 exec fairseq-train "$DATA/data-bin" --user-dir "$ROOT/fairseq_smoe" "${FLAGS[@]}" \

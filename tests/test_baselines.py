@@ -236,6 +236,18 @@ def test_every_baseline_trains_forward_and_backward(dict_dir, name):
         crit(model, sample(task, seed=1))  # and evaluation mode
 
 
+@pytest.mark.parametrize("name", ["moe-cmr", "smoe-cmr", "stack-cmr"])
+def test_half_precision(dict_dir, name):
+    """--fp16 halves the model: gates and routers run in fp32 and mix back into fp16."""
+    torch.manual_seed(0)
+    task, model, crit = build(dict_dir, *BASELINES[name])
+    model = model.half().train()
+    loss, _, log = crit(model, sample(task))
+    loss.backward()
+    assert torch.isfinite(loss) and 0 < float(log["cmr_gate_sum"]) < int(log["cmr_gate_count"]) * 1.2
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_criterion_adds_the_cmr_budget_loss(dict_dir):
     torch.manual_seed(0)
     task, model, crit = build(dict_dir, "--moe-cmr", "--cmr-gate-loss-wt", "0", "--cmr-gate-loss-p", "0.3")

@@ -13,9 +13,9 @@ from fairseq.models.transformer import (
 )
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 
+from ..modules.cmr import CMRBlock
 from ..modules.config import RESIDUAL_MODES, SECOND_EXPERT_POLICIES, SMoEConfig, parse_strata
 from ..modules.layers import SMoEDecoderLayer, SMoEEncoderLayer
-from ..modules.cmr import CMRBlock
 from ..modules.smoe_block import SMoEBlock
 
 
@@ -185,8 +185,8 @@ def _mismatch_message(model, state_dict) -> str:
         f"The checkpoint does not fit this smoe_transformer model: the checkpoint has "
         f"{_describe_smoe(state_dict)}, this model has {_describe_smoe(model.state_dict())}. "
         f"Build the model with the checkpoint's flags (--arch, --moe-expert-count, "
-        f"--smoe-strata, --moe-stack, --moe-cmr, --moe-freq, dims), or train into a new --save-dir instead of "
-        f"resuming this one."
+        f"--smoe-strata, --moe-stack, --moe-cmr, --moe-freq, dims), or train into a new "
+        f"--save-dir instead of resuming this one."
     )
 
 

@@ -14,7 +14,7 @@ release this baseline; this is our reading of the paper's description.
 """
 
 from dataclasses import replace
-from typing import List, Optional
+from typing import Optional
 
 from torch import Tensor, nn
 
@@ -50,10 +50,6 @@ class StackedMoE(nn.Module):
         layer_cfg = replace(cfg, strata=(per_layer,), stack=1, cmr=False, cmr_gate_drop=0.0)
         self.ffn_norm = nn.LayerNorm(cfg.embed_dim)
         self.blocks = nn.ModuleList([bare_block(layer_cfg) for _ in range(cfg.stack)])
-
-    @property
-    def layers(self) -> List[SMoEBlock]:
-        return list(self.blocks)
 
     def forward(self, x_TBd: Tensor, padding_mask_BT: Optional[Tensor] = None) -> Tensor:
         z = self.ffn_norm(x_TBd)
