@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Benchmark one SMoE block against its compute floor and against fairseq's one-hot dispatch.
 
-    python scripts/benchmark_layer.py [--device cpu|cuda] [--json] [--quick] [--tokens N]
+    python scripts/benchmark_layer.py [--device cpu|cuda] [--json] [--quick]
+                                      [--tokens N] [--reps N] [--configs m4-4-4,...]
+                                      [--threads N]
 
 For each configuration (M4 size: d 512, FFN 2048, 8 experts in strata 4-4 and 2-2-2-2; M15
 size: d 1024, FFN 4096, 16 experts in strata 4-12 and 4-4-4-4) and each mode (``fwd``: forward
@@ -10,9 +12,10 @@ training mode (capacity applies, dropout 0, deterministic ``all`` second-expert 
 times three variants on the same input and the same routing decisions:
 
 * ``ours``: ``SMoEBlock`` (fairseq_smoe/modules/smoe_block.py);
-* ``floor``: one dense FFN d -> FFN -> d (the experts' shape) over as many rows as the expert
-  assignments ``ours`` actually computed (kept after capacity, summed over strata passes):
-  the expert GEMMs alone, with no routing, dispatch or combine;
+* ``floor``: one dense FFN d -> FFN -> d (the experts' shape: ``nn.Linear``, in-place
+  ``nn.ReLU``, ``nn.Linear``) over as many rows as the expert assignments ``ours`` actually
+  computed (kept after capacity, summed over strata passes): the expert GEMMs alone, with no
+  routing, dispatch or combine;
 * ``onehot``: the same stratified block with the classic GShard dispatch of fairseq's MoE
   branch: per pass, a one-hot combine tensor of shape (tokens, experts, capacity) built from
   the gate weights (so the gate gradient flows through it), einsum dispatch and combine.
@@ -20,8 +23,9 @@ times three variants on the same input and the same routing decisions:
 Timings are medians over repetitions after a warm-up; the variants are interleaved (in
 rotating order) so that machine noise hits them alike, and only ratios measured in the same
 run are reported. Peak memory is the peak of the bytes allocated during one call (forward, or
-forward + backward), beyond what was allocated before it: on CUDA from the allocator's
-statistics, on CPU by tracking every tensor storage created during the call.
+forward + backward, whose weight gradients it includes), beyond what was allocated before
+it: on CUDA from the allocator's statistics, on CPU by tracking every tensor storage created
+during the call. The input is 32 sentences (batch-major slot priority) of tokens/32 tokens.
 """
 
 import argparse
@@ -154,7 +158,11 @@ def onehot_smoe_forward(block: SMoEBlock, x_TBd: Tensor, padding_mask_BT: Tensor
 
 
 class _PeakBytes(TorchDispatchMode):
-    """Peak bytes of the tensor storages created while active (CPU peak-memory proxy)."""
+    """Peak bytes of the tensor storages allocated while active (CPU peak-memory proxy).
+
+    Every op's outputs are inspected: a storage that is none of the op's inputs' (so not a
+    view or an in-place result) is a new allocation, counted until it is freed.
+    """
 
     def __init__(self):
         super().__init__()
@@ -166,17 +174,23 @@ class _PeakBytes(TorchDispatchMode):
         self.current -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, torch.Tensor)
+        }
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 st = t.untyped_storage()
-                key = id(st)
-                if key not in self._live:
-                    nbytes = st.nbytes()
-                    self._live.add(key)
-                    self.current += nbytes
-                    self.peak = max(self.peak, self.current)
-                    weakref.finalize(st, self._free, key, nbytes)
+                key, nbytes = st.data_ptr(), st.nbytes()
+                if nbytes == 0 or key in inputs or key in self._live:
+                    continue
+                self._live.add(key)
+                self.current += nbytes
+                self.peak = max(self.peak, self.current)
+                weakref.finalize(st, self._free, key, nbytes)
         return out
 
 
@@ -207,7 +221,7 @@ class Case:
         self.name, self.device = name, device
         cfg = SMoEConfig(embed_dim=d, ffn_dim=ffn, strata=strata, second_expert_policy="all")
         self.block = SMoEBlock(cfg).to(device).train()
-        B = 32 if tokens >= 32 else 1
+        B = math.gcd(tokens, 32)
         T = tokens // B
         g = torch.Generator().manual_seed(seed + 1)
         self.x = torch.randn(T, B, d, generator=g).to(device)
@@ -217,7 +231,9 @@ class Case:
         self.rows = int(self.block.assigned - self.block.dropped)
         self.passes = float(self.block.passes_TB.float().mean())
         self.drop_frac = float(self.block.dropped) / max(int(self.block.assigned), 1)
-        self.floor = nn.Sequential(nn.Linear(d, ffn), nn.ReLU(), nn.Linear(ffn, d)).to(device).train()
+        # in-place ReLU, as the experts use: the tightest dense FFN of stock PyTorch modules
+        self.floor = nn.Sequential(nn.Linear(d, ffn), nn.ReLU(inplace=True), nn.Linear(ffn, d))
+        self.floor.to(device).train()
         self.xf = torch.randn(self.rows, d, generator=g).to(device)
         self.gyf = torch.randn(self.rows, d, generator=g).to(device)
 
@@ -245,6 +261,9 @@ class Case:
 
 
 def run(names, tokens, reps, warmup, device, log=print):
+    """Time every variant of every configuration; the first (warm-up) call of ``ours`` and
+    ``onehot`` also measures their peak memory (it is not timed)."""
+    assert warmup >= 1
     results = []
     for name in names:
         case = Case(name, tokens, device)
@@ -252,9 +271,13 @@ def run(names, tokens, reps, warmup, device, log=print):
             f"({case.passes:.2f} passes/token, {100 * case.drop_frac:.1f}% assignments dropped)")
         for mode in MODES:
             times = {v: [] for v in VARIANTS}
+            peaks = {}
             for i in range(warmup + reps):
                 order = VARIANTS[i % 3:] + VARIANTS[: i % 3]  # rotate, so noise hits all alike
                 for v in order:
+                    if i == 0 and v != "floor":
+                        peaks[v] = peak_mb(lambda: case.call(v, mode), device)
+                        continue
                     sync(device)
                     t0 = time.perf_counter()
                     case.call(v, mode)
@@ -262,7 +285,6 @@ def run(names, tokens, reps, warmup, device, log=print):
                     if i >= warmup:
                         times[v].append(time.perf_counter() - t0)
             ms = {v: 1000 * statistics.median(times[v]) for v in VARIANTS}
-            peaks = {v: peak_mb(lambda: case.call(v, mode), device) for v in ("ours", "onehot")}
             r = {
                 "config": name, "mode": mode,
                 "ours_ms": round(ms["ours"], 2), "floor_ms": round(ms["floor"], 2),
@@ -271,6 +293,7 @@ def run(names, tokens, reps, warmup, device, log=print):
                 "onehot_over_ours": round(ms["onehot"] / ms["ours"], 3),
                 "ours_peak_mb": round(peaks["ours"], 1), "onehot_peak_mb": round(peaks["onehot"], 1),
                 "tokens": tokens, "rows": case.rows, "passes_per_token": round(case.passes, 3),
+                "dropped_frac": round(case.drop_frac, 4), "reps": reps,
             }
             log(f"  {mode:8s} ours {r['ours_ms']:9.1f} ms  floor {r['floor_ms']:9.1f} ms  "
                 f"onehot {r['onehot_ms']:9.1f} ms  ours/floor {r['ours_over_floor']:.2f}  "
@@ -303,8 +326,12 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=None, help="tokens per batch (default 4096)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 5)")
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op CPU threads (default: torch's, all cores)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device available")
     tokens = args.tokens or (512 if args.quick else 4096)

@@ -1,6 +1,9 @@
-"""E expert FFNs stored as stacked weights, so a stratum's visible experts are a slice."""
+"""E expert FFNs stored as stacked weights, so a stratum's visible experts are a slice, and
+the fused expert pass of the SMoE block (dispatch, expert FFNs, combine; hand-written backward).
+"""
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,5 +40,175 @@ class StackedExperts(nn.Module):
         h = F.dropout(h, p=self.activation_dropout, training=self.training)
         return torch.baddbmm(self.b2[first:].unsqueeze(1), h, self.w2[first:])
 
+    def weights(self) -> "PassWeights":
+        """The weights as seen by the passes of one block forward (see ExpertGrads)."""
+        grads = ExpertGrads()
+        return PassWeights(grads, *_WeightsEntry.apply(grads, self.w1, self.b1, self.w2, self.b2))
+
+    def mix(self, res_nd: Tensor, u_nd: Tensor, g_Kn: Tensor, weights: "PassWeights",
+            plan: "PassPlan", dropout: float = 0.0) -> Tensor:
+        """One pass: ``res + sum_k g_k * FFN_{e_k}(u)`` for the n rows of ``u`` (see _ExpertMix);
+        ``dropout`` applies to the expert outputs (training only)."""
+        p_act = self.activation_dropout if self.training else 0.0
+        p_out = dropout if self.training else 0.0
+        return _ExpertMix.apply(
+            res_nd, u_nd, g_Kn, weights.w1, weights.b1, weights.w2, weights.b2,
+            weights.grads, plan, p_act, p_out,
+        )
+
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, embed_dim={self.embed_dim}, ffn_dim={self.ffn_dim}"
+
+
+@dataclass
+class PassPlan:
+    """Where every assignment of a pass goes, built by the router (all small index tensors).
+
+    The expert buffer has V x C slots (slot e*C + i = position i of visible expert e).
+    ``src_S``: the row of u each slot reads (empty slots read row 0, and get weight 0);
+    ``slot_A``: the slot of each assignment a = k*n + row (assignments that are not computed,
+    i.e. dropped by capacity, a second choice dropped by the ``random`` policy or a padding
+    row, point at an empty slot, which always exists for them and whose output gets weight 0
+    and whose gradient is exactly 0); ``asg_S``: the assignment of each slot (K*n if empty).
+    """
+
+    first: int  # global id of the first visible expert
+    V: int
+    C: int
+    src_S: Tensor
+    slot_A: Tensor
+    asg_S: Tensor
+
+
+@dataclass
+class PassWeights:
+    grads: "ExpertGrads"
+    w1: Tensor
+    b1: Tensor
+    w2: Tensor
+    b2: Tensor
+
+
+class ExpertGrads:
+    """Accumulates the expert weight gradients of all passes of one block forward.
+
+    Each pass uses the experts ``first..E-1`` (a suffix); letting autograd return a full-size
+    gradient per pass would allocate, zero and add ``[E, d, d_ff]`` tensors at every pass.
+    Instead each pass's backward writes (first time) or adds (later) its slice in place, with
+    the GEMM itself (``baddbmm_``), and ``_WeightsEntry``, whose outputs every pass consumes
+    and whose backward therefore runs after all of theirs, hands the totals to autograd.
+    """
+
+    def __init__(self):
+        self.tensors = None
+        self.lo = None  # rows lo..E-1 are initialised (a union of suffixes is a suffix)
+
+    def add(self, first: int, buf_VCd, h_VCf, grad_h_VCf, grad_y_VCd, like):
+        if self.tensors is None:
+            self.tensors = [torch.empty_like(p) for p in like]
+            self.lo = like[0].size(0)
+        gw1, gb1, gw2, gb2 = self.tensors
+        m = max(0, self.lo - first)  # local experts 0..m-1 have no gradient yet
+        V = buf_VCd.size(0)
+        if m > 0:
+            s = slice(first, first + m)
+            torch.bmm(buf_VCd[:m].transpose(1, 2), grad_h_VCf[:m], out=gw1[s])
+            torch.bmm(h_VCf[:m].transpose(1, 2), grad_y_VCd[:m], out=gw2[s])
+            torch.sum(grad_h_VCf[:m], 1, out=gb1[s])
+            torch.sum(grad_y_VCd[:m], 1, out=gb2[s])
+        if m < V:
+            s = slice(first + m, None)
+            gw1[s].baddbmm_(buf_VCd[m:].transpose(1, 2), grad_h_VCf[m:])
+            gw2[s].baddbmm_(h_VCf[m:].transpose(1, 2), grad_y_VCd[m:])
+            gb1[s].add_(grad_h_VCf[m:].sum(1))
+            gb2[s].add_(grad_y_VCd[m:].sum(1))
+        self.lo = min(self.lo, first)
+
+    def take(self):
+        tensors, lo = self.tensors, self.lo
+        self.tensors = self.lo = None
+        if tensors is None:
+            return [None] * 4
+        if lo > 0:
+            for t in tensors:
+                t[:lo].zero_()  # experts no pass reached
+        return tensors
+
+
+class _WeightsEntry(torch.autograd.Function):
+    """Identity on the four expert weights; its backward returns ``ExpertGrads``' totals."""
+
+    @staticmethod
+    def forward(ctx, grads, w1, b1, w2, b2):
+        ctx.grads = grads
+        ctx.set_materialize_grads(False)
+        return w1.view_as(w1), b1.view_as(b1), w2.view_as(w2), b2.view_as(b2)
+
+    @staticmethod
+    def backward(ctx, *unused):
+        return (None, *ctx.grads.take())
+
+
+class _ExpertMix(torch.autograd.Function):
+    """out = res + sum_k g_k * FFN_{e_k}(u), the expert part of one pass, fused.
+
+    Forward: gather u's rows into the [V, C, d] slot buffer, two batched GEMMs (bias, ReLU in
+    place, the dropouts), gather each assignment's output row, and two ``addcmul`` into the
+    residual. Backward: only gathers (no scatter-add: every slot has one assignment and every
+    assignment one slot), ReLU backward in place, and the weight gradients accumulated in place
+    across passes (ExpertGrads). Nothing of size tokens x experts x capacity is ever built.
+    """
+
+    @staticmethod
+    def forward(ctx, res_nd, u_nd, g_Kn, w1, b1, w2, b2, grads, plan, p_act, p_out):
+        first, V, C = plan.first, plan.V, plan.C
+        n, d = u_nd.shape
+        K = g_Kn.size(0)
+        buf = u_nd.index_select(0, plan.src_S).view(V, C, d)
+        h = torch.baddbmm(b1[first:].unsqueeze(1), buf, w1[first:]).relu_()
+        if p_act > 0:
+            h = F.dropout(h, p=p_act, training=True, inplace=True)
+        y = torch.baddbmm(b2[first:].unsqueeze(1), h, w2[first:]).view(V * C, d)
+        mask = None
+        if p_out > 0:
+            y, mask = torch.ops.aten.native_dropout(y, p_out, True)
+        y_Ad = y.index_select(0, plan.slot_A)
+        g = g_Kn.to(y.dtype).unsqueeze(2)
+        out = torch.addcmul(res_nd, y_Ad[:n], g[0])
+        if K == 2:
+            out.addcmul_(y_Ad[n:], g[1])
+        ctx.save_for_backward(buf, h, y_Ad, g_Kn, w1, b1, w2, b2, mask)
+        ctx.plan, ctx.grads, ctx.p_act, ctx.p_out = plan, grads, p_act, p_out
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        buf, h, y_Ad, g_Kn, w1, b1, w2, b2, mask = ctx.saved_tensors
+        plan = ctx.plan
+        first, V, C = plan.first, plan.V, plan.C
+        K, n = g_Kn.shape
+        d = buf.size(2)
+        grad_out = grad_out.contiguous()
+        grad_res = grad_out if ctx.needs_input_grad[0] else None
+        grad_g = None
+        if ctx.needs_input_grad[2]:  # d out / d g_k = the assignment's expert output row
+            grad_g = torch.linalg.vecdot(y_Ad.view(K, n, d), grad_out.unsqueeze(0)).to(g_Kn.dtype)
+        # d out / d y at each slot: its token's output gradient times its combine weight
+        w_S = F.pad(g_Kn.detach().reshape(-1), (0, 1)).to(grad_out.dtype).index_select(0, plan.asg_S)
+        grad_y = grad_out.index_select(0, plan.src_S).mul_(w_S.unsqueeze(1))
+        if mask is not None:
+            grad_y = torch.ops.aten.native_dropout_backward(grad_y, mask, 1.0 / (1.0 - ctx.p_out))
+        grad_y = grad_y.view(V, C, d)
+        grad_h = torch.bmm(grad_y, w2[first:].transpose(1, 2))
+        # ReLU (and activation dropout) backward in place: h > 0 exactly where both passed
+        torch.ops.aten.threshold_backward.grad_input(grad_h, h, 0, grad_input=grad_h)
+        if ctx.p_act > 0:
+            grad_h.mul_(1.0 / (1.0 - ctx.p_act))
+        if any(ctx.needs_input_grad[3:7]):  # into ExpertGrads, handed over by _WeightsEntry
+            ctx.grads.add(first, buf, h, grad_h, grad_y, (w1, b1, w2, b2))
+        grad_u = None
+        if ctx.needs_input_grad[1]:
+            grad_buf = torch.bmm(grad_h, w1[first:].transpose(1, 2)).view(V * C, d)
+            G = grad_buf.index_select(0, plan.slot_A)
+            grad_u = G[:n] if K == 1 else torch.add(G[:n], G[n:])
+        return grad_res, grad_u, grad_g, None, None, None, None, None, None, None, None

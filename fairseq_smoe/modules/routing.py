@@ -78,15 +78,19 @@ def expert_capacity(
     return max(1, int(capacity_factor * per_expert))
 
 
-def slot_positions(expert_A: Tensor, priority_A: Tensor, num_bins: int) -> Tuple[Tensor, Tensor]:
+def slot_positions(
+    expert_A: Tensor, priority_A: Tensor, num_bins: int, priority_bound: Optional[int] = None
+) -> Tuple[Tensor, Tensor]:
     """Position of each assignment in its expert's queue, and the queue lengths.
 
-    Assignments are queued per expert in increasing ``priority_A`` (unique per assignment).
-    Invalid assignments carry the sentinel expert id ``num_bins - 1`` and queue last. One
-    sort and one bincount: no (tokens x experts x capacity) tensor, no host sync.
+    Assignments are queued per expert in increasing ``priority_A`` (unique per assignment,
+    in ``[0, priority_bound)``; the bound defaults to the number of assignments). Invalid
+    assignments carry the sentinel expert id ``num_bins - 1`` and queue last. One sort and one
+    bincount: no (tokens x experts x capacity) tensor, no host sync.
     """
     A = expert_A.numel()
-    order_A = torch.argsort(expert_A * A + priority_A)
+    span = A if priority_bound is None else priority_bound
+    order_A = torch.argsort(expert_A * span + priority_A)
     counts_B = torch.bincount(expert_A, minlength=num_bins)
     starts_B = counts_B.cumsum(0) - counts_B
     pos_sorted_A = torch.arange(A, device=expert_A.device) - starts_B[expert_A[order_A]]

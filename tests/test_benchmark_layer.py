@@ -1,0 +1,107 @@
+"""Correctness of scripts/benchmark_layer.py (no timing assertions).
+
+The one-hot GShard baseline must compute exactly what the SMoE block computes on the same
+routing, so the benchmark compares two implementations of one function; and the script must
+run and emit the documented keys.
+"""
+
+import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401,E702
+
+import json
+import subprocess
+
+import pytest
+import torch
+
+from fairseq_smoe.modules import SMoEBlock, SMoEConfig
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import benchmark_layer  # noqa: E402
+
+D, FFN = 8, 16
+KEYS = {"config", "mode", "ours_ms", "floor_ms", "onehot_ms", "ours_over_floor",
+        "onehot_over_ours", "ours_peak_mb", "onehot_peak_mb"}
+
+
+def _run(block, fn, x, gy, pad):
+    block.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    out = fn(x, pad)
+    torch.autograd.backward([out, block.aux_loss], [gy, torch.ones_like(block.aux_loss)])
+    grads = {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
+    stats = (block.aux_loss.item(), int(block.dropped), int(block.assigned),
+             block.passes_TB.clone(), block.routed_TB.clone())
+    return out.detach(), x.grad, grads, stats
+
+
+@pytest.mark.parametrize("training", (True, False))
+@pytest.mark.parametrize("residual", ("official", "paper"))
+@pytest.mark.parametrize("strata,kw", [
+    ((4,), {}),
+    ((2, 2), {}),
+    ((2, 2, 2, 2), {}),
+    ((1, 3), {}),
+    ((4,), {"top1": True}),
+    ((2, 2), {"eval_capacity_token_fraction": 0.3}),
+])
+def test_onehot_baseline_equals_block(strata, kw, residual, training):
+    torch.manual_seed(0)
+    cfg = SMoEConfig(D, FFN, strata, residual=residual, second_expert_policy="all", **kw)
+    block = SMoEBlock(cfg).double().train(training)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(11, 5, D, generator=g, dtype=torch.float64)
+    gy = torch.randn(11, 5, D, generator=g, dtype=torch.float64)
+    pad = torch.zeros(5, 11, dtype=torch.bool)
+    pad[1, 8:] = pad[3, 4:] = True
+
+    ours = _run(block, block, x, gy, pad)
+    onehot = _run(block, lambda x, p: benchmark_layer.onehot_smoe_forward(block, x, p), x, gy, pad)
+    if training:
+        assert ours[3][1] > 0, "capacity should drop some assignments in this setting"
+    torch.testing.assert_close(onehot[0], ours[0], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(onehot[1], ours[1], atol=1e-12, rtol=1e-12)
+    assert onehot[2].keys() == ours[2].keys()
+    for name in ours[2]:
+        # routers (the gates) run in fp32: their gradients agree to fp32 precision
+        tol = 1e-5 if name.startswith("routers") else 1e-12
+        torch.testing.assert_close(onehot[2][name], ours[2][name], atol=tol, rtol=tol, msg=name)
+    assert any(name.startswith("routers") and ours[2][name].abs().sum() > 0 for name in ours[2])
+    assert onehot[3][0] == pytest.approx(ours[3][0], rel=1e-6)
+    assert onehot[3][1:3] == ours[3][1:3]
+    assert torch.equal(onehot[3][3], ours[3][3]) and torch.equal(onehot[3][4], ours[3][4])
+
+
+def test_peak_tracker_counts_new_storages_only():
+    x = torch.randn(256, 256)  # 256 KiB
+    cpu = torch.device("cpu")
+    assert benchmark_layer.peak_mb(lambda: x + 1, cpu) == pytest.approx(0.25)
+    assert benchmark_layer.peak_mb(lambda: (x.view(-1), x.t(), x.add_(0)), cpu) == 0.0
+    assert benchmark_layer.peak_mb(lambda: [x + 1 for _ in range(3)], cpu) == pytest.approx(0.75)
+
+
+def test_quick_json_emits_the_keys():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark_layer.py"), "--quick", "--json",
+         "--configs", "m4-4-4,m4-2-2-2-2", "--tokens", "128"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout)
+    assert [(r["config"], r["mode"]) for r in results] == [
+        (c, m) for c in ("m4-4-4", "m4-2-2-2-2") for m in ("fwd", "fwd_bwd")
+    ]
+    for r in results:
+        assert KEYS <= r.keys()
+        assert r["ours_ms"] > 0 and r["floor_ms"] > 0 and r["onehot_ms"] > 0
+        assert r["ours_over_floor"] == pytest.approx(r["ours_ms"] / r["floor_ms"], rel=1e-2)
+        assert r["onehot_over_ours"] == pytest.approx(r["onehot_ms"] / r["ours_ms"], rel=1e-2)
+        assert r["ours_peak_mb"] > 0 and r["onehot_peak_mb"] > 0
+
+
+def test_config_names():
+    assert list(benchmark_layer.CONFIGS) == ["m4-4-4", "m4-2-2-2-2", "m15-4-12", "m15-4-4-4-4"]
+    for name, (d, ffn, strata) in benchmark_layer.CONFIGS.items():
+        size, *rest = name.split("-")
+        assert tuple(int(s) for s in rest) == strata
+        assert (d, ffn, sum(strata)) == {"m4": (512, 2048, 8), "m15": (1024, 4096, 16)}[size]
