@@ -18,7 +18,6 @@ from fairseq_smoe.modules.layers import build_moe_slot
 from fairseq_smoe.modules.stacked import StackedMoE
 
 D, FFN = 8, 16
-WORDS = "in the beginning god created heavens and earth im anfang schuf gott himmel erde".split()
 
 
 def cfg(strata=(4,), **kw):
@@ -163,13 +162,6 @@ def test_switch_capacity_and_raw_probability_combine():
 
 # ----------------------------------------------------------------------------- flags / model
 
-
-@pytest.fixture(scope="module")
-def dict_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("dict")
-    for lang in ("en", "de"):
-        (d / f"dict.{lang}.txt").write_text("".join(f"{w} 1\n" for w in WORDS))
-    return d
 
 
 def build(data, *extra):

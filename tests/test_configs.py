@@ -28,7 +28,6 @@ EXPERTS = {"m4": 8, "m15": 16, "opus100": 16}
 TINY = ["--encoder-embed-dim", "16", "--encoder-ffn-embed-dim", "32", "--decoder-embed-dim", "16",
         "--decoder-ffn-embed-dim", "32", "--encoder-attention-heads", "2",
         "--decoder-attention-heads", "2", "--encoder-layers", "2", "--decoder-layers", "2"]
-WORDS = "in the beginning god created heavens and earth im anfang schuf gott himmel erde".split()
 
 
 def expected(name):
@@ -83,13 +82,6 @@ def test_base_has_the_papers_training_setup(bench):
         flags = training_flags(f"{bench}/moe", world)
         assert flags[-2:] == ["--update-freq", str(freq)]
 
-
-@pytest.fixture(scope="module")
-def dict_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("dict")
-    for lang in ("en", "de"):
-        (d / f"dict.{lang}.txt").write_text("".join(f"{w} 1\n" for w in WORDS))
-    return d
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -15,15 +15,7 @@ from fairseq import options, tasks  # noqa: E402
 from fairseq_smoe.modules.smoe_block import SMoEBlock  # noqa: E402
 from fairseq_smoe.tasks.smoe_translation import keep_every_batch  # noqa: E402
 
-WORDS = "in the beginning god created heavens and earth im anfang schuf gott himmel erde".split()
 
-
-@pytest.fixture
-def dict_dir(tmp_path):
-    """A data dir with a joined dictionary for en and de but no binarized splits."""
-    for lang in ("en", "de"):
-        (tmp_path / f"dict.{lang}.txt").write_text("".join(f"{w} 1\n" for w in WORDS))
-    return tmp_path
 
 
 def parse(data, *extra, arch="smoe_transformer_tiny"):
