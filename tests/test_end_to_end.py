@@ -95,8 +95,14 @@ def test_generate_every_direction_and_score(run):
         hyps = (run["tmp"] / "eval" / f"hyp.{r['direction']}.{r['direction'][-2:]}").read_text().splitlines()
         assert r["lines"] == len(test_lines) == len(hyps) == 45
         assert 0.0 <= r["bleu"] <= 100.0 and 0.0 <= r["chrf"] <= 100.0
+        assert 0.0 <= r["spm_bleu"] <= 100.0  # fairseq's own BLEU4 line, parsed
+        assert r["copy_chrf"] < 20.0
         assert 1.0 <= r["rc_enc"] <= 2.0 and 1.0 <= r["rc_dec"] <= 2.0
     assert "| en-ru |" in table
+    # en/de/ru are OPUS-100 languages: the grouped table follows, over the directions present
+    assert "Means by side and resource group (opus100 benchmark" in table
+    md = (run["tmp"] / "eval" / "scores.md").read_text()
+    assert md == table and "| chrf |" in md
 
 
 def generate_count(run, task, extra=()):
