@@ -22,5 +22,6 @@ setup(
         "sentencepiece==0.2.3",
         "sacremoses==0.2.0",
     ],
-    extras_require={"test": ["pytest==9.2.0"]},
+    # m15: the authors release m15.zip on Google Drive; gdown fetches it (scripts/prepare_data.sh m15)
+    extras_require={"test": ["pytest==9.2.0"], "m15": ["gdown==6.5.1"]},
 )

@@ -47,8 +47,9 @@ class EvaluationError(RuntimeError):
 
 
 def read_lines(path):
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f]
+    """Lines split on '\n' only, as data_prep counts them (a CR before the LF is dropped)."""
+    with open(path, encoding="utf-8", newline="\n") as f:
+        return [line.rstrip("\n").removesuffix("\r") for line in f]
 
 
 def task_args(checkpoint):
