@@ -61,7 +61,7 @@ from pathlib import Path
 
 from fairseq_smoe.benchmarks.nllb import M4_LANGS, M15_GROUPS, M15_LANGS
 
-from .spm_binarize import DataPrepError, _write_if_changed, read_idx_sizes
+from .spm_binarize import DataPrepError, write_if_changed, read_idx_sizes
 
 GDRIVE_ID = "1tT2urUunXLNEPZxxV2nK-YmC_N6P_48m"
 GDRIVE_URL = f"https://drive.google.com/uc?id={GDRIVE_ID}"
@@ -275,9 +275,9 @@ def extract(zf: zipfile.ZipFile, archive: Path, jobs, out_dir: Path) -> tuple[in
             raise _corrupt(archive, f"member {member}: {err}") from None
         os.replace(part, dest)
         stamp["files"][rel] = [member, info.file_size]
-        _write_if_changed(stamp_path, json.dumps(stamp, indent=1, sort_keys=True).encode())
+        write_if_changed(stamp_path, json.dumps(stamp, indent=1, sort_keys=True).encode())
         done += 1
-    _write_if_changed(stamp_path, json.dumps(stamp, indent=1, sort_keys=True).encode())
+    write_if_changed(stamp_path, json.dumps(stamp, indent=1, sort_keys=True).encode())
     return done, skipped
 
 
@@ -349,9 +349,9 @@ def prepare_m15(out_dir, subset="m15", langs=None, archive=None, cache=DEFAULT_C
 
     all_langs = [*langs, ENG]
     lang_pairs = [f"{l}-{ENG}" for l in langs] + [f"{ENG}-{l}" for l in langs]
-    written = _write_if_changed(out_dir / "langs.txt", (",".join(all_langs) + "\n").encode())
-    written += _write_if_changed(out_dir / "lang_dict.txt", "".join(l + "\n" for l in all_langs).encode())
-    written += _write_if_changed(out_dir / "lang_pairs.txt", (",".join(lang_pairs) + "\n").encode())
+    written = write_if_changed(out_dir / "langs.txt", (",".join(all_langs) + "\n").encode())
+    written += write_if_changed(out_dir / "lang_dict.txt", "".join(l + "\n" for l in all_langs).encode())
+    written += write_if_changed(out_dir / "lang_pairs.txt", (",".join(lang_pairs) + "\n").encode())
 
     _log(f"{subset}: {len(langs)} languages + {ENG}, {len(lang_pairs)} directions in {out_dir / 'data-bin'}")
     _log(f"{'direction':<10}{'train':>12}{'valid':>9}{'test':>9}")

@@ -151,7 +151,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _write_if_changed(path: Path, data: bytes) -> bool:
+def write_if_changed(path: Path, data: bytes) -> bool:
     """Write only when the content differs, so a re-run keeps mtimes; True if written."""
     if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
         return False
@@ -679,12 +679,12 @@ def prepare(raw_dir, pairs, out_dir, vocab_size: int = DEFAULT_VOCAB_SIZE,
     written = 0
     dict_bytes = dict_path.read_bytes()
     for lang in langs:
-        written += _write_if_changed(data_bin / f"dict.{lang}.txt", dict_bytes)
+        written += write_if_changed(data_bin / f"dict.{lang}.txt", dict_bytes)
     dirs = directions_for(pair_list, directions)
     lang_pairs = [f"{s}-{t}" for _, s, t in dirs]
-    written += _write_if_changed(out_dir / "langs.txt", (",".join(langs) + "\n").encode())
-    written += _write_if_changed(out_dir / "lang_dict.txt", "".join(l + "\n" for l in langs).encode())
-    written += _write_if_changed(out_dir / "lang_pairs.txt", (",".join(lang_pairs) + "\n").encode())
+    written += write_if_changed(out_dir / "langs.txt", (",".join(langs) + "\n").encode())
+    written += write_if_changed(out_dir / "lang_dict.txt", "".join(l + "\n" for l in langs).encode())
+    written += write_if_changed(out_dir / "lang_pairs.txt", (",".join(lang_pairs) + "\n").encode())
     raw_tests = []
     for pair, s, t in dirs:
         if ("test", pair.name) not in files:
@@ -692,7 +692,7 @@ def prepare(raw_dir, pairs, out_dir, vocab_size: int = DEFAULT_VOCAB_SIZE,
         by_lang = dict(zip((pair.src, pair.tgt), files[("test", pair.name)]))
         for lang in (s, t):
             dest = out_dir / "raw" / f"test.{s}-{t}.{lang}"
-            written += _write_if_changed(dest, by_lang[lang].path.read_bytes())
+            written += write_if_changed(dest, by_lang[lang].path.read_bytes())
             raw_tests.append(str(dest))
     runner.steps["finalize"] = {"seconds": round(time.perf_counter() - t0, 3), "skipped": written == 0}
 

@@ -236,16 +236,17 @@ def test_download_with_gdown_or_a_clear_message(archive, tmp_path, monkeypatch):
     assert prepare_m15(tmp_path / "b", "m4", cache=tmp_path / "cache")["extracted"] > 0
 
 
-def test_fairseq_trains_on_prepared_m4(m4, tmp_path):
-    """scripts/train.sh with the M4 SMoE-2-2-2-2 recipe (tiny model, 3 updates), validating on
-    the valid and test splits of all 8 directions."""
+def test_prepare_train_evaluate_table_on_m4(m4, tmp_path):
+    """The whole M4 pipeline: scripts/train.sh with the SMoE-2-2-2-2 recipe (tiny model, 3
+    updates, validating on the valid and test splits of all 8 directions), scripts/evaluate.sh
+    on every test line, scripts/reproduce_table.sh in Table 1's layout next to the paper's row."""
     out, _ = m4
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "CUDA_VISIBLE_DEVICES": ""}  # one CPU worker, whatever the machine has
     run = subprocess.run(
         ["bash", str(ROOT / "scripts" / "train.sh"), "m4/smoe-2-2-2-2", str(out), str(tmp_path / "ckpt"),
          "--arch", "smoe_transformer_tiny", "--update-freq", "1", "--max-tokens", "2048",
-         "--max-update", "3", "--no-save", "--valid-subset", "valid,test", "--log-interval", "1",
+         "--max-update", "3", "--no-epoch-checkpoints", "--valid-subset", "valid,test", "--log-interval", "1",
          "--num-workers", "0"],
         capture_output=True, text=True, env=env, timeout=300)
     log = run.stdout + run.stderr
@@ -253,3 +254,19 @@ def test_fairseq_trains_on_prepared_m4(m4, tmp_path):
     assert '"num_updates": "3"' in log
     for direction in M4_DIRECTIONS.split(","):
         assert f"valid_loss_{direction}" in log and f"test_loss_{direction}" in log, direction
+
+    eval_dir = tmp_path / "smoe-2-2-2-2" / "eval"
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "evaluate.sh"), str(tmp_path / "ckpt" / "checkpoint_last.pt"),
+                          str(out), str(eval_dir), "--beam", "1", "--cpu"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    for direction in M4_DIRECTIONS.split(","):
+        src, tgt = direction.split("-")
+        refs = (out / "raw" / f"test.{direction}.{tgt}").read_text().splitlines()
+        assert len((eval_dir / f"hyp.{direction}.{tgt}").read_text().splitlines()) == len(refs) > 0
+    assert "Means by side and resource group (m4 benchmark" in (eval_dir / "scores.md").read_text()
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_table.sh"), "m4", str(eval_dir)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "| system | nso-eng | msa-eng | tgl-eng | cat-eng | eng-nso | eng-msa | eng-tgl | eng-cat | avg |" in run.stdout
+    assert "| smoe-2-2-2-2 (ours) |" in run.stdout and "| smoe-2-2-2-2 (paper) | 30.96 |" in run.stdout

@@ -109,8 +109,9 @@ def test_rerun_skips_every_step_without_the_archive(prepared, tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in (out / "text").iterdir()} == before
 
 
-def test_train_reads_the_prepared_data(prepared, tmp_path):
-    """fairseq-train via scripts/train.sh: 3 updates, then validation on all 4 directions."""
+def test_prepare_train_evaluate_table(prepared, tmp_path):
+    """The whole pipeline: fairseq-train via scripts/train.sh (3 updates, then validation on all
+    4 directions), scripts/evaluate.sh on every test line, reproduce_table.sh in Table 3's layout."""
     out, _ = prepared
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     run = subprocess.run(
@@ -123,6 +124,22 @@ def test_train_reads_the_prepared_data(prepared, tmp_path):
     for d in ("de-en", "en-de", "en-fr", "fr-en"):
         assert f"valid_loss_{d}" in log
     assert (tmp_path / "ckpt" / "checkpoint_last.pt").is_file()
+
+    eval_dir = tmp_path / "smoe-4-12" / "eval"
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "evaluate.sh"), str(tmp_path / "ckpt" / "checkpoint_last.pt"),
+                          str(out), str(eval_dir), "--beam", "1", "--cpu"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    for d in ("de-en", "en-de", "en-fr", "fr-en"):
+        refs = (out / "raw" / f"test.{d}.{d[-2:]}").read_text().splitlines()
+        assert len((eval_dir / f"hyp.{d}.{d[-2:]}").read_text().splitlines()) == len(refs) == 45
+    table = ["bash", str(ROOT / "scripts" / "reproduce_table.sh"), "opus100", str(eval_dir), "--metric", "chrf"]
+    run = subprocess.run(table, capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode != 0 and "184 of the 188 opus100 directions were not scored" in run.stderr
+    run = subprocess.run(table + ["--allow-partial"], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "| system | e→x_all | e→x_high | e→x_medium | e→x_low | x→e_all |" in run.stdout
+    assert "| smoe-4-12 (paper) | 32.15 |" in run.stdout and "means over 4 scored directions" in run.stdout
 
 
 def test_pair_names_are_checked():
