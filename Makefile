@@ -1,6 +1,6 @@
 # make install: .venv with the project installed editable (idempotent)
 # make test:    the test suite (CPU)
-# make demo:    train a small SMoE on the committed real Bible fixture and evaluate it
+# make demo:    prepare the offline Bible benchmark, train a small SMoE on CPU (DEMO_MINUTES, default 15), evaluate
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
