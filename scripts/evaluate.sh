@@ -9,6 +9,6 @@
 # strata passes. Writes OUT_DIR/hyp.SRC-TGT.TGT, scores.csv, scores.md (with the paper's
 # e->x / x->e resource-group means). Details: python -m fairseq_smoe.evaluate --help
 set -euo pipefail
-if [ $# -lt 3 ]; then sed -n '2,10p' "$0" >&2; exit 2; fi
+if [ $# -lt 3 ]; then sed -n '2,/^[^#]/{/^#/p}' "$0" >&2; exit 2; fi
 export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 exec python -m fairseq_smoe.evaluate "$@"

@@ -7,7 +7,7 @@
 # Every benchmark takes --archive PATH for an already-downloaded archive, and re-running skips
 # finished steps. Output: OUT_DIR/spm.model, data-bin/, langs.txt, lang_pairs.txt, raw/test.SRC-TGT.{SRC,TGT}.
 set -euo pipefail
-if [ $# -lt 2 ]; then sed -n '2,9p' "$0" >&2; exit 2; fi
+if [ $# -lt 2 ]; then sed -n '2,/^[^#]/{/^#/p}' "$0" >&2; exit 2; fi
 BENCH=$1
 shift
 export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"  # data_prep without an install

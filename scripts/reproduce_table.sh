@@ -8,6 +8,6 @@
 # is the folder name, or its parent's when the folder is called eval
 # (runs/m4/smoe-2-2-2-2/eval -> smoe-2-2-2-2); NAME=DIR sets it.
 set -euo pipefail
-if [ $# -lt 2 ]; then sed -n '2,10p' "$0" >&2; exit 2; fi
+if [ $# -lt 2 ]; then sed -n '2,/^[^#]/{/^#/p}' "$0" >&2; exit 2; fi
 export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 exec python -m fairseq_smoe.report "$@"

@@ -11,7 +11,7 @@
 # matches the recipe's @global-batch-tokens (the paper: 32 GPUs x 4096 tokens).
 set -euo pipefail
 if [ $# -lt 3 ]; then
-  sed -n '2,12p' "$0" >&2
+  sed -n '2,/^[^#]/{/^#/p}' "$0" >&2
   exit 2
 fi
 CONFIG=$1 DATA=$2 SAVE=$3
