@@ -61,7 +61,7 @@ from pathlib import Path
 
 from fairseq_smoe.benchmarks.nllb import M4_LANGS, M15_GROUPS, M15_LANGS
 
-from .spm_binarize import DataPrepError, write_if_changed, read_idx_sizes
+from .spm_binarize import DataPrepError, read_idx_sizes, read_lines, write_if_changed
 
 GDRIVE_ID = "1tT2urUunXLNEPZxxV2nK-YmC_N6P_48m"
 GDRIVE_URL = f"https://drive.google.com/uc?id={GDRIVE_ID}"
@@ -287,10 +287,9 @@ def extract(zf: zipfile.ZipFile, archive: Path, jobs, out_dir: Path) -> tuple[in
 
 
 def count_lines(path: Path) -> int:
-    """Lines as the evaluator reads them (text mode, universal newlines); UTF-8 is checked."""
+    """Lines as spm_binarize and the evaluator read them (split on '\n' only); UTF-8 is checked."""
     try:
-        with open(path, encoding="utf-8") as f:
-            n = sum(1 for _ in f)
+        n = sum(1 for _ in read_lines(path))
     except UnicodeDecodeError as err:
         raise DataPrepError(f"{path} is not valid UTF-8 ({err.reason} at byte {err.start})") from None
     if n == 0:

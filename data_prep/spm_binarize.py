@@ -163,7 +163,7 @@ def _clean(line: str) -> str:
     return _OTHER_WHITESPACE.sub(" ", line)
 
 
-def _read_lines(path: Path):
+def read_lines(path: Path):
     """Lines of a raw file without the line end ('\\n' or '\\r\\n'); splits on '\\n' only."""
     with open(path, encoding="utf-8", newline="\n") as f:
         for line in f:
@@ -370,7 +370,7 @@ def train_spm(train_files, out_dir: Path, vocab_size: int, character_coverage: f
 
     def sentences():
         for _, rf in train_files:
-            for line in _read_lines(rf.path):
+            for line in read_lines(rf.path):
                 if line.strip():
                     yield _clean(line)
 
@@ -438,7 +438,7 @@ def encode_file(sp, raw: RawFile, dest: Path, threads: int) -> dict:
             written += len(batch)
             batch.clear()
 
-        for line in _read_lines(raw.path):
+        for line in read_lines(raw.path):
             batch.append(line)
             if len(batch) == _ENCODE_BATCH:
                 flush()

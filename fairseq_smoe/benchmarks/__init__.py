@@ -21,7 +21,16 @@ class Benchmark:
     groups: dict  # group name -> languages, in the paper's column order
     metric: str  # the paper's metric: a column of scores.csv ("spm_bleu", "spbleu", "chrf")
     paper_table: str = ""  # where the reference numbers come from
-    paper: dict = field(default_factory=dict)  # system -> {column: number}, columns as in table_columns()
+    paper: dict = field(default_factory=dict)  # system -> {column: number}; given as lists in table_columns() order
+
+    def __post_init__(self):
+        cols = self.table_columns()
+        rows = {}
+        for system, values in self.paper.items():
+            if len(values) != len(cols):
+                raise ValueError(f"{self.name} paper row {system!r}: {len(values)} numbers for {len(cols)} columns")
+            rows[system] = dict(zip(cols, values))
+        object.__setattr__(self, "paper", rows)  # frozen dataclass
 
     def group_of(self, lang):
         for group, members in self.groups.items():
