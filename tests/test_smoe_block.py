@@ -452,8 +452,10 @@ def test_padding_does_not_change_real_tokens(residual):
     p0, a0 = block.passes_TB.clone(), block.assigned.item()
     out1 = block(x[:5, 1:])
     p1, a1 = block.passes_TB.clone(), block.assigned.item()
-    torch.testing.assert_close(out[:, :1], out0, atol=1e-10, rtol=0)
-    torch.testing.assert_close(out[:5, 1:], out1, atol=1e-10, rtol=0)
+    # 1e-6, not exact: the router runs in fp32 whatever the block's dtype, and a BLAS may round
+    # an fp32 row differently when the batch has another number of rows (seen on one CPU)
+    torch.testing.assert_close(out[:, :1], out0, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[:5, 1:], out1, atol=1e-6, rtol=0)
     assert torch.equal(passes[:, :1], p0) and torch.equal(passes[:5, 1:], p1)
     assert assigned == a0 + a1
     # same with no padding mask at all on the unpadded sentence
@@ -463,8 +465,8 @@ def test_padding_does_not_change_real_tokens(residual):
     out_r = routed(x, pad)
     assert (routed.passes_TB >= 1).all() and routed.routed_TB.all()
     assert routed.assigned.item() == 2 * routed.passes_TB.sum().item() > assigned
-    torch.testing.assert_close(out_r[:, :1], out0, atol=1e-10, rtol=0)
-    torch.testing.assert_close(out_r[:5, 1:], out1, atol=1e-10, rtol=0)
+    torch.testing.assert_close(out_r[:, :1], out0, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out_r[:5, 1:], out1, atol=1e-6, rtol=0)
 
 
 # ----------------------------------------------------------------------------- EoM
