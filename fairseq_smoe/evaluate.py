@@ -3,8 +3,13 @@
     python -m fairseq_smoe.evaluate CHECKPOINT DATA_DIR OUT_DIR [--beam 5 --lenpen 1.0]
 
 DATA_DIR is what ``data_prep.spm_binarize`` writes: ``data-bin/``, ``lang_pairs.txt`` and
-``raw/test.SRC-TGT.{SRC,TGT}``. Each direction is decoded with stock ``fairseq-generate``
-(deterministic, no token dropped by capacity) and every test line is checked to come back.
+``raw/test.SRC-TGT.{SRC,TGT}``. The checkpoint is loaded once and every direction is decoded
+in this process by ``fairseq_smoe.translator`` (fairseq-generate's own loop: the same
+hypotheses as ``fairseq-generate --beam B --lenpen P --max-tokens N --seed 1``), with the
+training task's language setup read from the checkpoint (``--langs``/``--lang-dict``,
+``--lang-tok-style``, ``--encoder-langtok``, ``--decoder-langtok``,
+``--lang-tok-replacing-bos-eos``, dictionaries, ...); deterministic, no token dropped by
+capacity, and every test line is checked to come back.
 
 Metrics per direction (columns of ``scores.csv``):
 
@@ -19,7 +24,7 @@ Metrics per direction (columns of ``scores.csv``):
   ``BLEU4 =`` figure of the authors' ``fairseq-generate --bpe sentencepiece`` command.
 * ``copy_chrf``: chrF of copying the source, the floor a model must beat.
 * ``rc_enc``, ``rc_dec``: mean strata passes per token per SMoE block (teacher forcing on the
-  same test set).
+  same test set, batch by batch with the decoding).
 
 Writes ``hyp.SRC-TGT.TGT``, ``scores.csv`` and ``scores.md`` (per-direction table, then the
 e->x / x->e means by resource group of the benchmark the directions belong to, see
@@ -29,20 +34,19 @@ e->x / x->e means by resource group of the benchmark the directions belong to, s
 import argparse
 import csv
 import os
-import re
-import subprocess
 import sys
-from pathlib import Path
+import time
 
 import sacrebleu
 import torch
 
 from . import benchmarks, report
+from .translator import (
+    PATH_FLAGS, SEED, SMoETranslator, TranslatorError, routing_record, seeded, training_task_config,
+)
 
-PLUGIN_DIR = str(Path(__file__).resolve().parent)
 
-
-class EvaluationError(RuntimeError):
+class EvaluationError(TranslatorError):
     pass
 
 
@@ -53,7 +57,8 @@ def read_lines(path):
 
 
 def task_args(checkpoint):
-    """The training task's flags, so decoding uses the same languages and language tokens."""
+    """The checkpoint's state, read once, checked to be of a multilingual task; decoding builds
+    every direction's task from the training task saved in it (same languages and tokens)."""
     import fairseq_smoe  # noqa: F401  (safe globals for torch.load)
 
     if not os.path.exists(checkpoint):
@@ -62,93 +67,44 @@ def task_args(checkpoint):
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as err:
         raise EvaluationError(f"cannot read checkpoint {checkpoint} ({err}); is it a fairseq checkpoint?") from err
-    task = state["cfg"]["task"]
-    get = (lambda k: getattr(task, k, None)) if not isinstance(task, dict) else task.get
-    if get("_name") not in ("smoe_translation", "translation_multi_simple_epoch"):
-        raise EvaluationError(
-            f"{checkpoint} was trained with task {get('_name')!r}; this evaluator needs a "
-            f"multilingual smoe_translation checkpoint"
-        )
-    pairs = get("lang_pairs")
-    langs = get("langs")
-    flags = [
-        "--task", "smoe_translation",
-        "--lang-pairs", ",".join(pairs) if isinstance(pairs, list) else pairs,
-        "--langs", ",".join(langs) if isinstance(langs, list) else langs,
-    ]
-    if get("encoder_langtok"):
-        flags += ["--encoder-langtok", get("encoder_langtok")]
-    if get("decoder_langtok"):
-        flags += ["--decoder-langtok"]
-    return flags
+    training_task_config(state, checkpoint)
+    return state
 
 
-BLEU4 = re.compile(r"Generate test with beam=\d+: BLEU4 = ([\d.]+)")
-
-
-def generate(checkpoint, data_bin, spm_model, src, tgt, flags, beam, lenpen, max_tokens, cpu):
-    """Decode the test set of src->tgt with fairseq-generate.
-
-    Returns the detokenized hypotheses in input order, their ids, and the ``BLEU4`` that
-    fairseq's default scorer prints: computed on SentencePiece ids, as in the paper."""
-    cmd = [
-        sys.executable, "-m", "fairseq_cli.generate", data_bin, "--user-dir", PLUGIN_DIR,
-        *flags, "--source-lang", src, "--target-lang", tgt, "--path", checkpoint,
-        "--gen-subset", "test", "--beam", str(beam), "--lenpen", str(lenpen),
-        "--max-tokens", str(max_tokens), "--bpe", "sentencepiece", "--sentencepiece-model", spm_model,
-        "--num-workers", "0", "--seed", "1",
-    ] + (["--cpu"] if cpu else [])
-    run = subprocess.run(cmd, capture_output=True, text=True)
-    if run.returncode != 0:
-        raise EvaluationError(f"fairseq-generate {src}-{tgt} failed:\n{run.stderr[-3000:]}")
-    hyps = {}
-    for line in run.stdout.splitlines():
-        m = re.match(r"^D-(\d+)\t[^\t]*\t?(.*)$", line)
-        if m:
-            hyps[int(m.group(1))] = m.group(2)
-    bleu4 = BLEU4.search(run.stdout)
-    if bleu4 is None:
-        raise EvaluationError(f"fairseq-generate {src}-{tgt} printed no 'BLEU4 =' line:\n{run.stdout[-2000:]}")
-    return [hyps[i] for i in sorted(hyps)], hyps, float(bleu4.group(1))
+def strata_passes(model, net_input, totals):
+    """One teacher-forced forward of ``model`` on a batch; adds the strata passes and routed
+    tokens of every SMoE block to ``totals[side] = [passes, tokens]``."""
+    record = routing_record(model, net_input)
+    for side in ("encoder", "decoder"):
+        blocks = record.blocks(side)
+        if blocks:
+            acc = totals.setdefault(side, [0.0, 0.0])
+            acc[0] += sum(float(b.passes_TB.sum()) for b in blocks)
+            acc[1] += sum(float(b.routed_TB.sum()) for b in blocks)
 
 
 @torch.no_grad()
-def strata_passes(checkpoint, data_bin, max_tokens, cpu):
-    """Mean passes per token per SMoE block, per direction, on the test set (teacher forcing)."""
-    from fairseq import checkpoint_utils, utils
+def decode_direction(translator, src, tgt, beam, lenpen):
+    """Every test sentence of src->tgt, as fairseq-generate decodes it.
 
-    import fairseq_smoe  # noqa: F401
+    Returns the detokenized hypotheses by sentence id, the ``BLEU4`` that fairseq's default
+    scorer prints for it (on SentencePiece ids, language tag included: the paper's metric) and
+    the mean strata passes per token per SMoE block, per side (teacher forcing)."""
+    from fairseq import scoring
 
-    models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(
-        [checkpoint], arg_overrides={"data": data_bin}
-    )
-    model = models[0].eval()
-    if not cpu:
-        model.cuda()
-    if not hasattr(model, "smoe_blocks"):
-        return {}
+    task = translator.task(src, tgt)
     task.load_dataset("test")
-    itr = task.get_batch_iterator(
-        dataset=task.dataset("test"), max_tokens=max_tokens,
-        max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
-    ).next_epoch_itr(shuffle=False)
-    names = task.direction_names
+    scorer = scoring.build_scorer("bleu", task.target_dictionary)
     totals = {}
-    for sample in itr:
-        sample = sample if cpu else utils.move_to_cuda(sample)
-        model(**sample["net_input"])
-        for side in ("encoder", "decoder"):
-            blocks = model.smoe_blocks(side)
-            if not blocks:
-                continue
-            passes = sum(b.passes_TB.sum(0) for b in blocks).double()
-            tokens = sum(b.routed_TB.sum(0) for b in blocks).double()
-            for d in sample["direction"].unique().tolist():
-                sel = sample["direction"].to(passes.device) == d
-                acc = totals.setdefault((names[d], side), [0.0, 0.0])
-                acc[0] += passes[sel].sum().item()
-                acc[1] += tokens[sel].sum().item()
-    return {k: p / t for k, (p, t) in totals.items() if t > 0}
+    hyps = {}
+    with seeded(SEED, translator.device):
+        batches = translator.batches(task, task.dataset("test"))
+        on_batch = lambda sample: strata_passes(translator.model, sample["net_input"], totals)
+        for sample_id, _, _, text in translator.decode(task, batches, beam, lenpen, scorer=scorer, on_batch=on_batch):
+            hyps[sample_id] = text
+    spm_bleu = float(f"{scorer.score():.2f}") if hyps else 0.0  # as fairseq-generate prints it
+    passes = {side: p / t for side, (p, t) in totals.items() if t > 0}
+    return hyps, spm_bleu, passes
 
 
 def flores200_ready(spm_path=None):
@@ -220,7 +176,8 @@ def write_tables(rows, out_dir, notes=()):
     return table
 
 
-def evaluate(checkpoint, data_dir, out_dir, beam=5, lenpen=1.0, max_tokens=4096, cpu=None, flores200_spm=None):
+def evaluate(checkpoint, data_dir, out_dir, beam=5, lenpen=1.0, max_tokens=4096, cpu=None, flores200_spm=None,
+             task_paths=None):
     checkpoint, data_dir, out_dir = str(checkpoint), str(data_dir), str(out_dir)
     cpu = (not torch.cuda.is_available()) if cpu is None else cpu
     data_bin = os.path.join(data_dir, "data-bin")
@@ -230,32 +187,36 @@ def evaluate(checkpoint, data_dir, out_dir, beam=5, lenpen=1.0, max_tokens=4096,
         if not os.path.exists(needed):
             raise EvaluationError(f"{needed} is missing; prepare DATA_DIR with scripts/prepare_data.sh")
     directions = [d for d in read_lines(pairs_file)[0].split(",") if d]
-    flags = task_args(checkpoint)
+    started = time.perf_counter()
+    translator = SMoETranslator(checkpoint, data_dir, device="cpu" if cpu else "cuda", max_tokens=max_tokens,
+                                task_paths=task_paths, state=task_args(checkpoint))
     os.makedirs(out_dir, exist_ok=True)
     spbleu_problem = flores200_ready(flores200_spm)
     if spbleu_problem:
         print(f"evaluate: {spbleu_problem}", file=sys.stderr, flush=True)
-    passes = strata_passes(checkpoint, data_bin, max_tokens, cpu)
     rows = []
     for direction in directions:
         src, tgt = direction.split("-")
         raw = os.path.join(data_dir, "raw", f"test.{direction}")
         srcs, refs = read_lines(f"{raw}.{src}"), read_lines(f"{raw}.{tgt}")
-        hyps, by_id, spm_bleu = generate(checkpoint, data_bin, spm_model, src, tgt, flags, beam, lenpen, max_tokens, cpu)
-        if len(hyps) != len(refs) or sorted(by_id) != list(range(len(refs))):
+        by_id, spm_bleu, passes = decode_direction(translator, src, tgt, beam, lenpen)
+        if sorted(by_id) != list(range(len(refs))):
             raise EvaluationError(
-                f"{direction}: fairseq-generate returned {len(hyps)} translations for "
+                f"{direction}: decoding returned {len(by_id)} translations for "
                 f"{len(refs)} test lines ({raw}.{tgt}); no line may be lost"
             )
+        hyps = [by_id[i] for i in range(len(refs))]
         with open(os.path.join(out_dir, f"hyp.{direction}.{tgt}"), "w", encoding="utf-8") as f:
             f.write("\n".join(hyps) + "\n")
         row = {"direction": direction, "lines": len(refs), **score(hyps, refs, srcs, spbleu_problem is None)}
         row["spm_bleu"] = spm_bleu
-        row["rc_enc"] = passes.get((direction, "encoder"), "")
-        row["rc_dec"] = passes.get((direction, "decoder"), "")
+        row["rc_enc"] = passes.get("encoder", "")
+        row["rc_dec"] = passes.get("decoder", "")
         rows.append(row)
         print(f"{direction}: chrF {row['chrf']:.1f} BLEU {row['bleu']:.1f} spm-BLEU {spm_bleu:.1f} "
               f"(copy chrF {row['copy_chrf']:.1f}; {len(hyps)} lines)", flush=True)
+    print(f"evaluate: {len(directions)} directions decoded in {time.perf_counter() - started:.1f}s "
+          f"(one model load)", flush=True)
     return rows, write_tables(rows, out_dir, [spbleu_problem] if spbleu_problem else [])
 
 
@@ -269,10 +230,16 @@ def main(argv=None):
     p.add_argument("--max-tokens", type=int, default=4096)
     p.add_argument("--cpu", action="store_true", default=None, help="decode on CPU (default: when no GPU)")
     p.add_argument("--flores200-spm", help="sacreBLEU's flores200 SentencePiece model, for spBLEU offline")
+    for flag in PATH_FLAGS:
+        p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, metavar="PATH",
+                       help=f"where the file the model was trained with as --{flag.replace('_', '-')} is now, "
+                       f"if it has moved (decoding always uses the training task's setting)")
     a = p.parse_args(argv)
+    moved = {flag: getattr(a, flag) for flag in PATH_FLAGS if getattr(a, flag) is not None}
     try:
-        _, table = evaluate(a.checkpoint, a.data_dir, a.out_dir, a.beam, a.lenpen, a.max_tokens, a.cpu, a.flores200_spm)
-    except EvaluationError as err:
+        _, table = evaluate(a.checkpoint, a.data_dir, a.out_dir, a.beam, a.lenpen, a.max_tokens, a.cpu,
+                            a.flores200_spm, task_paths=moved)
+    except TranslatorError as err:
         sys.exit(f"error: {err}")
     print(table)
 

@@ -84,6 +84,24 @@ class SMoETranslationTask(TranslationMultiSimpleEpochTask):
         check_split_files(self.args.data, split, self.lang_pairs)
         return super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
 
+    def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None,
+                        prefix_allowed_tokens_fn=None):
+        """fairseq's ``FairseqTask.build_generator`` signature, honoured in full (the stock
+        multilingual task accepts no ``prefix_allowed_tokens_fn``, so the hub interface's
+        ``translate`` fails, and drops ``seq_gen_cls``), plus what the multilingual task adds:
+        the target language token is stripped from the output unless
+        ``--keep-inference-langtok`` (given to the task or in the generation args)."""
+        keep = getattr(args, "keep_inference_langtok", False) or getattr(self.args, "keep_inference_langtok", False)
+        _, tgt_langtok_spec = self.args.langtoks["main"]
+        if not keep and tgt_langtok_spec:
+            tgt_lang_tok = self.data_manager.get_decoder_langtok(self.args.target_lang, tgt_langtok_spec)
+            extra_gen_cls_kwargs = dict(extra_gen_cls_kwargs or {})
+            extra_gen_cls_kwargs["symbols_to_strip_from_output"] = {tgt_lang_tok}
+        return super(TranslationMultiSimpleEpochTask, self).build_generator(
+            models, args, seq_gen_cls=seq_gen_cls, extra_gen_cls_kwargs=extra_gen_cls_kwargs,
+            prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
+        )
+
     def create_batch_sampler_func(self, max_positions, ignore_invalid_inputs, max_tokens,
                                   max_sentences, required_batch_size_multiple=1, seed=1):
         def construct_batch_sampler(dataset, epoch):
