@@ -122,6 +122,8 @@ def strata_passes(checkpoint, data_bin, max_tokens, cpu):
     models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(
         [checkpoint], arg_overrides={"data": data_bin}
     )
+    from .modules.stats import recording
+
     model = models[0].eval()
     if not cpu:
         model.cuda()
@@ -136,9 +138,10 @@ def strata_passes(checkpoint, data_bin, max_tokens, cpu):
     totals = {}
     for sample in itr:
         sample = sample if cpu else utils.move_to_cuda(sample)
-        model(**sample["net_input"])
+        with recording() as record:
+            model(**sample["net_input"])
         for side in ("encoder", "decoder"):
-            blocks = model.smoe_blocks(side)
+            blocks = record.blocks(side)
             if not blocks:
                 continue
             passes = sum(b.passes_TB.sum(0) for b in blocks).double()
