@@ -2,7 +2,8 @@
 
 ``fairseq-train --user-dir fairseq_smoe`` registers the ``smoe_transformer`` model and
 architectures, the ``smoe_label_smoothed_cross_entropy`` criterion and the
-``smoe_translation`` task.
+``smoe_translation`` task. ``SMoETranslator`` (``fairseq_smoe.translator``) translates and shows
+the routing from Python.
 """
 
 import argparse
@@ -14,5 +15,6 @@ import torch
 torch.serialization.add_safe_globals([argparse.Namespace])
 
 from . import criterions, models, tasks  # noqa: E402,F401  (registrations)
+from .translator import SMoETranslator  # noqa: E402,F401  (the Python API)
 
 __version__ = "0.1.0"

@@ -225,18 +225,12 @@ def measure_passes(model, task, subset: str = "valid", max_tokens: int = 4096, c
     import torch
     from fairseq import utils
 
-    from .modules.smoe_block import SMoEBlock
+    from .modules.stats import recording
 
     model.eval()
-    slots = {}
-    for side in ("encoder", "decoder"):
-        layer_blocks = []
-        for layer in getattr(model, side).layers:
-            moe = getattr(layer, "moe", None)
-            if moe is not None:
-                layer_blocks.append([m for m in moe.modules() if isinstance(m, SMoEBlock)])
-        slots[side] = layer_blocks
-    sums = {side: [[0.0, 0.0] for _ in blocks] for side, blocks in slots.items()}
+    slots = {side: [i for i, layer in enumerate(getattr(model, side).layers) if hasattr(layer, "moe")]
+             for side in ("encoder", "decoder")}
+    sums = {side: {i: [0.0, 0.0] for i in layers} for side, layers in slots.items()}
     task.load_dataset(subset)
     itr = task.get_batch_iterator(
         dataset=task.dataset(subset), max_tokens=max_tokens,
@@ -248,13 +242,15 @@ def measure_passes(model, task, subset: str = "valid", max_tokens: int = 4096, c
         for sample in itr:
             if cuda:
                 sample = utils.move_to_cuda(sample)
-            model(**sample["net_input"])
+            with recording() as record:
+                model(**sample["net_input"])
             seen += int(sample["ntokens"])
-            for side, layer_blocks in slots.items():
-                for acc, blocks in zip(sums[side], layer_blocks):
-                    for b in blocks:
-                        acc[0] += float(b.passes_TB.sum())
-                    acc[1] += float(blocks[0].routed_TB.sum())
+            for entry in record.entries:  # one slot: its blocks' passes over its tokens
+                acc = sums[entry.side][entry.layer]
+                for b in entry.stats.blocks:
+                    acc[0] += float(b.passes_TB.sum())
+                acc[1] += float(entry.stats.blocks[0].routed_TB.sum())
+    sums = {side: [acc[i] for i in slots[side]] for side, acc in sums.items()}
     passes = {side: [p / t if t else 0.0 for p, t in acc] for side, acc in sums.items()}
     return passes, seen
 

@@ -36,6 +36,7 @@ import csv
 import os
 import sys
 import time
+from typing import Dict, NamedTuple
 
 import sacrebleu
 import torch
@@ -83,17 +84,23 @@ def strata_passes(model, net_input, totals):
             acc[1] += sum(float(b.routed_TB.sum()) for b in blocks)
 
 
-@torch.no_grad()
-def decode_direction(translator, src, tgt, beam, lenpen):
-    """Every test sentence of src->tgt, as fairseq-generate decodes it.
+class Decoded(NamedTuple):
+    hyps: Dict[int, str]  # detokenized hypothesis by test sentence id
+    bleu4: str  # fairseq's default scorer, as fairseq-generate prints it after "Generate test with beam=B: "
+    spm_bleu: float  # its BLEU4 figure (2 decimals, as printed)
+    passes: Dict[str, float]  # mean strata passes per token per SMoE block, by side
 
-    Returns the detokenized hypotheses by sentence id, the ``BLEU4`` that fairseq's default
-    scorer prints for it (on SentencePiece ids, language tag included: the paper's metric) and
-    the mean strata passes per token per SMoE block, per side (teacher forcing)."""
+
+@torch.no_grad()
+def decode_direction(translator, src, tgt, beam, lenpen) -> Decoded:
+    """Every test sentence of src->tgt, as fairseq-generate decodes it, with the ``BLEU4`` of
+    fairseq's default scorer (on SentencePiece ids, language tag included: the paper's
+    metric) and the strata passes (teacher forcing on the same batches)."""
     from fairseq import scoring
 
     task = translator.task(src, tgt)
-    task.load_dataset("test")
+    if "test" not in task.datasets:  # fairseq's multilingual task cannot load a split twice
+        task.load_dataset("test")
     scorer = scoring.build_scorer("bleu", task.target_dictionary)
     totals = {}
     hyps = {}
@@ -102,9 +109,11 @@ def decode_direction(translator, src, tgt, beam, lenpen):
         on_batch = lambda sample: strata_passes(translator.model, sample["net_input"], totals)
         for sample_id, _, _, text in translator.decode(task, batches, beam, lenpen, scorer=scorer, on_batch=on_batch):
             hyps[sample_id] = text
-    spm_bleu = float(f"{scorer.score():.2f}") if hyps else 0.0  # as fairseq-generate prints it
+    if not hyps:
+        raise EvaluationError(f"{src}-{tgt}: the test set is empty")
+    bleu4 = scorer.result_string()
     passes = {side: p / t for side, (p, t) in totals.items() if t > 0}
-    return hyps, spm_bleu, passes
+    return Decoded(hyps, bleu4, float(f"{scorer.score():.2f}"), passes)
 
 
 def flores200_ready(spm_path=None):
@@ -199,7 +208,7 @@ def evaluate(checkpoint, data_dir, out_dir, beam=5, lenpen=1.0, max_tokens=4096,
         src, tgt = direction.split("-")
         raw = os.path.join(data_dir, "raw", f"test.{direction}")
         srcs, refs = read_lines(f"{raw}.{src}"), read_lines(f"{raw}.{tgt}")
-        by_id, spm_bleu, passes = decode_direction(translator, src, tgt, beam, lenpen)
+        by_id, _, spm_bleu, passes = decode_direction(translator, src, tgt, beam, lenpen)
         if sorted(by_id) != list(range(len(refs))):
             raise EvaluationError(
                 f"{direction}: decoding returned {len(by_id)} translations for "

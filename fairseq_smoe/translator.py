@@ -101,30 +101,13 @@ def training_task_config(state: dict, checkpoint="checkpoint") -> argparse.Names
 
 def routing_record(model, net_input, detail=False):
     """Run ``model`` teacher-forced on ``net_input`` and return the forward's ``RoutingRecord``
-    (``fairseq_smoe.modules.stats``): one entry per MoE slot that ran, in order.
+    (``fairseq_smoe.modules.stats``): one entry per MoE slot that ran, in order; with
+    ``detail`` each block's ``trace`` holds its passes (rows, experts chosen and kept, router
+    probabilities). A dense model gives an empty record."""
+    from .modules.stats import recording
 
-    This is the one place that knows how the model hands out its routing statistics. Today the
-    blocks keep them on the module (``passes_TB``, ``routed_TB``) and no per-pass detail exists
-    (``trace`` is None); once the blocks write into the open record, the body becomes::
-
-        with recording(detail=detail) as rec:
-            model(**net_input)
-        return rec
-    """
-    from .modules.smoe_block import SMoEBlock
-    from .modules.stats import BlockStats, RoutingRecord, SlotStats
-
-    record = RoutingRecord(detail=detail)
-    model(**net_input)
-    for side in ("encoder", "decoder"):
-        for layer_index, layer in enumerate(getattr(getattr(model, side, None), "layers", ())):
-            blocks = [m for m in layer.modules() if isinstance(m, SMoEBlock)]
-            if blocks:
-                record.add(side, layer_index, SlotStats([
-                    BlockStats(aux_loss=b.aux_loss, passes_TB=b.passes_TB, routed_TB=b.routed_TB,
-                               dropped=b.dropped, assigned=b.assigned, trace=None)
-                    for b in blocks
-                ]))
+    with recording(detail=detail) as record:
+        model(**net_input)
     return record
 
 
@@ -308,6 +291,11 @@ class SMoETranslator:
                     f"language-token ids). Restore it, or give its new place: evaluate --{opt} PATH, "
                     f"SMoETranslator(..., task_paths={{'{flag}': PATH}})"
                 )
+        # fairseq's task setup parses these with eval_bool, which turns the bool True saved in
+        # the checkpoint into False (right padding); give it back the string it expects
+        for flag in ("left_pad_source", "left_pad_target"):
+            if isinstance(getattr(cfg, flag, None), bool):
+                setattr(cfg, flag, str(getattr(cfg, flag)))
         cfg.data = self.data_bin
         cfg.keep_inference_langtok = False  # hypotheses are text: no language tag in them
         return cfg
@@ -496,11 +484,6 @@ class SMoETranslator:
         blocks = []
         for entry in record.entries:
             for index, stats in enumerate(entry.stats.blocks):
-                if stats.trace is None:
-                    raise TranslatorError(
-                        "this version of the SMoE blocks does not record which experts each pass "
-                        "chose (fairseq_smoe.modules.stats PassTrace); update fairseq-smoe"
-                    )
                 tokens = sides[entry.side]
                 blocks.append(BlockRouting(
                     side=entry.side, layer=entry.layer, index=index, tokens=tokens,

@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from fairseq_smoe.modules import SMoEBlock, SMoEConfig  # noqa: E402
 from fairseq_smoe.modules.routing import balance_loss, expert_capacity, select_experts  # noqa: E402
+from fairseq_smoe.modules.stats import BlockStats  # noqa: E402
 
 CONFIGS = {  # name: (embed dim, FFN dim, strata)
     "m4-4-4": (512, 2048, (4, 4)),
@@ -61,11 +62,12 @@ VARIANTS = ("ours", "floor", "onehot")
 # ----------------------------------------------------------------------------- one-hot baseline
 
 
-def onehot_smoe_forward(block: SMoEBlock, x_TBd: Tensor, padding_mask_BT: Tensor = None) -> Tensor:
+def onehot_smoe_forward(block: SMoEBlock, x_TBd: Tensor, padding_mask_BT: Tensor = None):
     """``block``'s forward with fairseq's GShard one-hot dispatch (peers §1.3, spec §1.4-§1.8).
 
     Same parameters, routing, capacity, slot order, renormalisation, residual modes and
-    statistics as ``SMoEBlock`` (no EoM); only the dispatch and combine differ. Like the
+    statistics (returned as ``(output, BlockStats)``) as ``SMoEBlock`` (no EoM); only the
+    dispatch and combine differ. Like the
     official code with ``--only-compute-current-layer-tokens 1``, each pass gathers the tokens
     at the current stratum (S rows, in batch-major order, which is the slot priority), then:
     combine weights (S, V, C) = gate * one-hot(expert) * one-hot(slot) for each choice, summed;
@@ -87,8 +89,7 @@ def onehot_smoe_forward(block: SMoEBlock, x_TBd: Tensor, padding_mask_BT: Tensor
     state_N = torch.where(routed_N, 0, L)
     passes_N = torch.zeros(N, dtype=torch.long, device=dev)
     aux_sum = x_Nd.new_zeros((), dtype=torch.float32)
-    dropped = torch.zeros((), dtype=torch.long, device=dev)
-    assigned = torch.zeros((), dtype=torch.long, device=dev)
+    dropped = assigned = 0
     num_passes = 0
     for c in range(L):
         idx_S = bmajor_N[(state_N == c)[bmajor_N]]  # host sync (nonzero), as fairseq's gather
@@ -119,8 +120,8 @@ def onehot_smoe_forward(block: SMoEBlock, x_TBd: Tensor, padding_mask_BT: Tensor
             masks.append(mask_SV)
             locs.append(loc_SV)
         kept = [m * (l < C) for m, l in zip(masks, locs)]
-        assigned = assigned + sum(m.sum() for m in masks)
-        dropped = dropped + sum(m.sum() - km.sum() for m, km in zip(masks, kept))
+        assigned += int(sum(m.sum() for m in masks))
+        dropped += int(sum(m.sum() - km.sum() for m, km in zip(masks, kept)))
         gates = [(probs_SV * km).sum(1) for km in kept]  # differentiable w.r.t. the router
         if K == 2:
             denom = (gates[0] + gates[1]).clamp_min(torch.finfo(probs_SV.dtype).eps)
@@ -145,13 +146,11 @@ def onehot_smoe_forward(block: SMoEBlock, x_TBd: Tensor, padding_mask_BT: Tensor
         aux_sum = aux_sum + balance_loss(
             probs_SV, experts_KS[0], torch.ones(S, dtype=torch.bool, device=dev), S
         )
-    if cfg.residual == "official" and L > 1:
-        x_Nd = block.strata_norms[L - 1](x_Nd)
-    block.aux_loss = aux_sum / max(num_passes, 1)
-    block.passes_TB = passes_N.view(T, B)
-    block.routed_TB = routed_N.view(T, B)
-    block.dropped, block.assigned = dropped, assigned
-    return x_Nd.view(T, B, d)
+    if cfg.has_exit_norm:
+        x_Nd = block.strata_norms[-1](x_Nd)
+    stats = BlockStats(aux_sum / max(num_passes, 1), passes_N.view(T, B), routed_N.view(T, B),
+                       dropped, assigned)
+    return x_Nd.view(T, B, d), stats
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -227,10 +226,10 @@ class Case:
         self.x = torch.randn(T, B, d, generator=g).to(device)
         self.gy = torch.randn(T, B, d, generator=g).to(device)
         with torch.no_grad():
-            self.block(self.x)
-        self.rows = int(self.block.assigned - self.block.dropped)
-        self.passes = float(self.block.passes_TB.float().mean())
-        self.drop_frac = float(self.block.dropped) / max(int(self.block.assigned), 1)
+            _, st = self.block(self.x)
+        self.rows = st.assigned - st.dropped
+        self.passes = float(st.passes_TB.float().mean())
+        self.drop_frac = st.dropped / max(st.assigned, 1)
         # in-place ReLU, as the experts use: the tightest dense FFN of stock PyTorch modules
         self.floor = nn.Sequential(nn.Linear(d, ffn), nn.ReLU(inplace=True), nn.Linear(ffn, d))
         self.floor.to(device).train()
@@ -253,10 +252,10 @@ class Case:
         fwd = self.block if variant == "ours" else (lambda x: onehot_smoe_forward(self.block, x))
         if mode == "fwd":
             with torch.no_grad():
-                return fwd(self.x)
+                return fwd(self.x)[0]
         x = self.x.detach().requires_grad_()
-        out = fwd(x)
-        torch.autograd.backward([out, self.block.aux_loss], [self.gy, torch.ones_like(self.block.aux_loss)])
+        out, st = fwd(x)
+        torch.autograd.backward([out, st.aux_loss], [self.gy, torch.ones_like(st.aux_loss)])
         return x.grad
 
 

@@ -16,6 +16,7 @@ from fairseq_smoe.modules import SMoEBlock, SMoEConfig
 from fairseq_smoe.modules.cmr import CMRBlock
 from fairseq_smoe.modules.layers import build_moe_slot
 from fairseq_smoe.modules.stacked import StackedMoE
+from fairseq_smoe.modules.stats import recording
 
 D, FFN = 8, 16
 
@@ -52,7 +53,7 @@ def test_cmr_output_matches_the_formula_by_hand():
     assert isinstance(slot, CMRBlock) and isinstance(slot.moe, SMoEBlock)
     x = rand_x(3, 2)
     pad = torch.tensor([[False, False, False], [False, False, True]])  # B x T, one pad
-    out = slot(x, pad)
+    out, st = slot(x, pad)
     for t in range(3):
         for b in range(2):
             h = x[t, b]
@@ -66,8 +67,8 @@ def test_cmr_output_matches_the_formula_by_hand():
             shared = slot.shared_fc2(F.relu(slot.shared_fc1(u)))
             torch.testing.assert_close(out[t, b], h + (1 - g) * shared + g * moe)
     gates = torch.sigmoid(slot.gate(slot.moe.ffn_norm(x))).squeeze(-1) * ~pad.t()
-    torch.testing.assert_close(slot.gate_sum, gates.sum().float())
-    assert int(slot.gate_count) == 5
+    torch.testing.assert_close(st.cmr.gate_sum, gates.sum().float())
+    assert int(st.cmr.gate_count) == 5 and len(st.blocks) == 1
 
 
 def test_cmr_gate_dropout_scales_kept_gates():
@@ -87,10 +88,10 @@ def test_cmr_with_smoe_paper_residual_mixes_the_smoe_update():
     torch.manual_seed(0)
     slot = build_moe_slot(cfg((2, 2), cmr=True, residual="paper")).double().eval()
     x = rand_x(4, 2)
-    out = slot(x)
+    out, _ = slot(x)
     u = slot.ffn_norm(x)
     g = torch.sigmoid(slot.gate(u))
-    update = slot.moe(x) - x  # the SMoE block's contribution over all its passes
+    update = slot.moe(x)[0] - x  # the SMoE block's contribution over all its passes
     torch.testing.assert_close(out, x + (1 - g) * slot.shared_ffn(u) + g * update)
 
 
@@ -118,7 +119,8 @@ def test_stacked_moe_chains_plain_moe_layers_without_inner_norm_or_residual():
     assert isinstance(slot, StackedMoE) and len(slot.blocks) == 4
     assert all(b.cfg.strata == (2,) and isinstance(b.ffn_norm, torch.nn.Identity) for b in slot.blocks)
     x = rand_x(3, 2)
-    out = slot(x)
+    out, st = slot(x)
+    assert len(st.blocks) == 4 and st.cmr is None
     for t in range(3):
         for b in range(2):
             z = slot.ffn_norm(x[t, b])
@@ -133,7 +135,7 @@ def test_stacked_moe_padding_gets_no_update_and_all_routers_learn():
     x = torch.randn(5, 3, D)
     pad = torch.zeros(3, 5, dtype=torch.bool)
     pad[0, :2] = True
-    out = slot(x, pad)
+    out, _ = slot(x, pad)
     torch.testing.assert_close(out[:2, 0], x[:2, 0])
     out.sum().backward()
     for block in slot.blocks:
@@ -151,13 +153,13 @@ def test_switch_capacity_and_raw_probability_combine():
         block = SMoEBlock(cfg((4,), top1=True, capacity_factor=cf)).double().train()
         torch.nn.init.zeros_(block.routers[0].weight)
         x = rand_x(4, 2)  # T=4, B=2: batch-major order is (b0,t0), (b0,t1), ...
-        out = block(x)
+        out, st = block(x)
         u = block.ffn_norm(x)
         order = [(t, b) for b in range(2) for t in range(4)]
         for i, (t, b) in enumerate(order):
             want = x[t, b] + 0.25 * expert(block, 0, u[t, b]) if i < kept else x[t, b]
             torch.testing.assert_close(out[t, b], want)
-        assert int(block.dropped) == 8 - kept and int(block.assigned) == 8
+        assert st.dropped == 8 - kept and st.assigned == 8
 
 
 # ----------------------------------------------------------------------------- flags / model
@@ -249,7 +251,10 @@ def test_criterion_adds_the_cmr_budget_loss(dict_dir):
         base, n, log0 = crit(model, s)
         crit.cmr_gate_loss_wt = 0.5
         loss, _, log = crit(model, s)
-    cmr = model.cmr_blocks("encoder") + model.cmr_blocks("decoder")
+    with torch.no_grad(), recording() as record:  # eval: the same gates as the criterion's forward
+        model(**s["net_input"])
+    cmr = record.cmr()
+    assert len(cmr) == 2  # one CMR slot per side
     gate_sum = sum(float(c.gate_sum) for c in cmr)
     tokens = 19 + 15  # non-padding source tokens (3 x 7 less 2 pads) + target tokens
     assert sum(int(c.gate_count) for c in cmr) == tokens

@@ -27,11 +27,10 @@ KEYS = {"config", "mode", "ours_ms", "floor_ms", "onehot_ms", "ours_over_floor",
 def _run(block, fn, x, gy, pad):
     block.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_()
-    out = fn(x, pad)
-    torch.autograd.backward([out, block.aux_loss], [gy, torch.ones_like(block.aux_loss)])
+    out, st = fn(x, pad)
+    torch.autograd.backward([out, st.aux_loss], [gy, torch.ones_like(st.aux_loss)])
     grads = {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
-    stats = (block.aux_loss.item(), int(block.dropped), int(block.assigned),
-             block.passes_TB.clone(), block.routed_TB.clone())
+    stats = (st.aux_loss.item(), st.dropped, st.assigned, st.passes_TB.clone(), st.routed_TB.clone())
     return out.detach(), x.grad, grads, stats
 
 

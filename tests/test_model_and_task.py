@@ -41,10 +41,14 @@ def test_tiny_arch_layout_and_forward(dict_dir):
     assert model.encoder.layers[1].normalize_before and model.decoder.layers[1].normalize_before
     src = torch.randint(4, len(task.source_dictionary), (3, 7))
     prev = torch.randint(4, len(task.target_dictionary), (3, 5))
-    logits = model(src, torch.full((3,), 7), prev)[0]
+    logits, extra = model(src, torch.full((3,), 7), prev)
     assert logits.shape == (3, 5, len(task.target_dictionary))
-    for block in enc + dec:
-        passes = block.passes_TB[block.routed_TB]
+    record = extra["routing"]  # this forward's statistics: one slot per side, layer 2
+    assert [(e.side, e.layer) for e in record.entries] == [("encoder", 1), ("decoder", 1)]
+    assert record.blocks("encoder")[0].passes_TB.shape == (7, 3)
+    assert record.blocks("decoder")[0].passes_TB.shape == (5, 3)
+    for stats in record.blocks():
+        passes = stats.passes_TB[stats.routed_TB]
         assert passes.min() >= 1 and passes.max() <= 2
 
 

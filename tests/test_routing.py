@@ -8,9 +8,13 @@ import pytest
 import torch
 
 from fairseq_smoe.modules.routing import (
+    CapacityRule,
     balance_loss,
     combine_weights,
+    count_per_bin,
     expert_capacity,
+    expert_output_mask,
+    plan_pass,
     select_experts,
     slot_positions,
 )
@@ -230,3 +234,73 @@ def test_balance_loss_has_gradient_through_probs():
     loss = balance_loss(probs, probs.argmax(1), torch.ones(3, dtype=torch.bool), 3)
     loss.backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- plan_pass
+
+# strata (2, 2), pass 0 (V = 4 visible experts), three tokens with priorities 0, 1, 2:
+#   t0 probs (.5, .3, .1, .1): top-1 e0, top-2 e1
+#   t1 probs (.4, .1, .2, .3): top-1 e0, top-2 e3
+#   t2 probs (.6, .25, .1, .05): top-1 e0, top-2 e1
+PROBS3 = torch.tensor([[0.5, 0.3, 0.1, 0.1], [0.4, 0.1, 0.2, 0.3], [0.6, 0.25, 0.1, 0.05]])
+
+
+def test_plan_pass_hand_example_training_capacity():
+    # training capacity 2 * ceil(3 / 4) = 2: e0's queue is t0, t1, t2 (top-1s), so t2's top-1
+    # is dropped; e1 keeps the top-2s of t0 and t2, e3 the top-2 of t1.
+    plan = plan_pass(PROBS3.log(), torch.arange(3), stratum=0, strata=(2, 2),
+                     rule=CapacityRule(training=True), k=2)
+    assert plan.experts_Kn.tolist() == [[0, 0, 0], [1, 3, 1]]
+    assert plan.loads == [3, 2, 0, 1] and plan.slots.C == 2
+    assert plan.kept_Kn.tolist() == [[True, True, False], [True, True, True]]
+    assert (plan.assigned, plan.kept, plan.num_active) == (6, 5, 3)
+    torch.testing.assert_close(plan.g_Kn, torch.tensor([[0.5 / 0.8, 0.4 / 0.7, 0.0], [0.3 / 0.8, 0.3 / 0.7, 1.0]]))
+    # next stratum from the top-1 (e0, stratum 0 -> 1), also for t2 whose top-1 was dropped
+    assert plan.next_n.tolist() == [1, 1, 1] and plan.next_counts == [0, 3, 0]
+    # slots e*C + position; the dropped assignment points at the first empty slot (e2's slot 0)
+    assert plan.slots.slot_A.tolist() == [0, 1, 4, 2, 6, 3]
+    assert plan.slots.src_S.tolist() == [0, 1, 0, 2, 0, 0, 1, 0]  # empty slots read row 0
+    assert plan.slots.asg_S.tolist() == [0, 1, 3, 5, 6, 6, 4, 6]  # 6 = K*n: empty
+
+
+def test_plan_pass_invalid_rows_take_no_slot_and_leave():
+    # t1 is padding: it takes no slot, leaves the block (next = L = 2), and the capacity is
+    # computed over the 2 routed rows: 2 * ceil(2 / 4) = 2, so nothing is dropped
+    plan = plan_pass(PROBS3.log(), torch.arange(3), stratum=0, strata=(2, 2),
+                     rule=CapacityRule(training=True), valid_n=torch.tensor([True, False, True]))
+    assert plan.num_active == 2 and plan.loads == [2, 2, 0, 0]
+    assert plan.kept_Kn.tolist() == [[True, False, True], [True, False, True]]
+    assert plan.next_n.tolist() == [1, 2, 1] and plan.next_counts == [0, 2, 1]
+    assert plan.g_Kn[:, 1].tolist() == [0.0, 0.0]
+
+
+def test_plan_pass_later_stratum_uses_global_strata_and_eval_has_no_capacity():
+    # strata (2, 2, 2), pass 1: the router sees experts 2..5 (local 0..3); local 0, 1 are
+    # stratum 1 (next 2), local 2, 3 stratum 2 (next 3 = exit)
+    plan = plan_pass(PROBS3.log(), torch.tensor([4, 0, 2]), stratum=1, strata=(2, 2, 2),
+                     rule=CapacityRule(training=False), priority_bound=5)
+    assert plan.slots.first == 2 and plan.slots.V == 4
+    assert plan.next_n.tolist() == [2, 2, 2] and plan.next_counts == [0, 0, 3, 0]
+    assert plan.kept == plan.assigned == 6 and plan.slots.C == 3  # no limit: the longest queue
+    # e0's queue in priority order: t1 (prio 0), t2 (2), t0 (4)
+    assert plan.slots.slot_A[:3].tolist() == [2, 0, 1]
+
+
+def test_plan_pass_no_routed_row_gives_none():
+    assert plan_pass(PROBS3.log(), torch.arange(3), stratum=0, strata=(4,), rule=CapacityRule(True),
+                     valid_n=torch.zeros(3, dtype=torch.bool)) is None
+
+
+def test_count_per_bin_is_bincount():
+    ids = torch.tensor([3, 0, 3, 1, 3])
+    assert count_per_bin(ids, 5).tolist() == torch.bincount(ids, minlength=5).tolist() == [1, 1, 0, 3, 0]
+
+
+def test_expert_output_mask():
+    g = torch.full((2, 1000), 0.5)
+    torch.manual_seed(0)
+    masked = expert_output_mask(g, 0.25, training=True)
+    assert set(masked.unique().tolist()) == {0.0, 0.5}  # whole assignments, no rescaling
+    assert 0.2 < (masked == 0).double().mean().item() < 0.3
+    torch.testing.assert_close(expert_output_mask(g, 0.25, training=False), g * 0.75)
+    assert expert_output_mask(g, 0.0, training=True) is g

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import fairseq_smoe.modules.smoe_block as smoe_block_module
 from fairseq_smoe.modules import SMoEBlock, SMoEConfig, parse_strata
 
 D, FFN = 8, 16
@@ -71,7 +70,7 @@ def test_one_stratum_equals_plain_top2_moe_reference():
     block = make_block((4,), second_expert_policy="sampling")
     block.eval()
     x = rand_x(5, 3)
-    out = block(x)
+    out, st = block(x)
     T, B, _ = x.shape
     ln, W, V = block.ffn_norm, block.routers[0].weight, 4
     f = torch.zeros(V, dtype=torch.float64)
@@ -92,9 +91,9 @@ def test_one_stratum_equals_plain_top2_moe_reference():
             P += p
     N = T * B
     aux = V * ((f / N) * (P / N)).sum()
-    assert block.aux_loss.item() == pytest.approx(aux.item(), rel=1e-5)
-    assert (block.passes_TB == 1).all()
-    assert block.assigned.item() == 2 * N and block.dropped.item() == 0
+    assert st.aux_loss.item() == pytest.approx(aux.item(), rel=1e-5)
+    assert (st.passes_TB == 1).all()
+    assert st.assigned == 2 * N and st.dropped == 0
 
 
 @torch.no_grad()
@@ -110,8 +109,9 @@ def test_one_expert_equals_dense_pre_ln_ffn(training):
     ln = nn.LayerNorm(D).double()
     x = rand_x(6, 2)
     dense = x + fc2(F.relu(fc1(ln(x))))
-    torch.testing.assert_close(block(x), dense, atol=1e-12, rtol=1e-12)
-    assert block.dropped.item() == 0 and block.assigned.item() == 12
+    out, st = block(x)
+    torch.testing.assert_close(out, dense, atol=1e-12, rtol=1e-12)
+    assert st.dropped == 0 and st.assigned == 12
 
 
 @torch.no_grad()
@@ -121,13 +121,13 @@ def test_multi_stratum_equals_per_token_reference(strata, residual):
     block = make_block(strata, seed=3, residual=residual)
     block.eval()
     x = rand_x(6, 3, seed=4)
-    out = block(x)
+    out, st = block(x)
     per_stratum = {}
     for t in range(6):
         for b in range(3):
             y, visited, routing = ref_smoe_token(block, x[t, b])
             torch.testing.assert_close(out[t, b], y, atol=1e-5, rtol=1e-5)
-            assert block.passes_TB[t, b].item() == len(visited)
+            assert st.passes_TB[t, b].item() == len(visited)
             for s, pe in routing.items():
                 per_stratum.setdefault(s, []).append(pe)
     # aux = mean over the passes run of V_s * sum_e f_e P_e over the tokens at stratum s
@@ -136,7 +136,7 @@ def test_multi_stratum_equals_per_token_reference(strata, residual):
         P = torch.stack([p for p, _ in rows]).mean(0)
         f = torch.bincount(torch.tensor([e for _, e in rows]), minlength=P.numel()).double() / len(rows)
         losses.append(P.numel() * (f * P).sum().item())
-    assert block.aux_loss.item() == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+    assert st.aux_loss.item() == pytest.approx(sum(losses) / len(losses), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- visibility, jumps
@@ -175,8 +175,8 @@ def test_stratum_local_ids_map_to_own_and_later_experts():
         W[0, 7] = 2.0
         W[-1, 7] = 1.0
     x = rand_x(3, 2)
-    out = block(x)
-    assert (block.passes_TB == 4).all()
+    out, st = block(x)
+    assert (st.passes_TB == 4).all()
     g1 = math.exp(2) / (math.exp(2) + math.exp(1))
     g2 = 1.0 - g1
     expected = torch.tensor([g1, 0, g1, 0, g1, 0, g1, 4 * g2], dtype=torch.float64) * M
@@ -219,28 +219,26 @@ def _hand_routed_block(residual):
 
 @pytest.mark.parametrize("residual", ("official", "paper"))
 @pytest.mark.parametrize("training", (False, True))
-def test_next_stratum_jumps_and_passes(residual, training, monkeypatch):
+def test_next_stratum_jumps_and_passes(residual, training):
     block, x = _hand_routed_block(residual)
     block.train(training)
-    visited = []  # active token mask of each pass, recorded at the balance loss
-    orig = smoe_block_module.balance_loss
-
-    def spy(probs_NV, top1_N, active_N, num_active):
-        visited.append((probs_NV.size(1), active_N.clone()))
-        return orig(probs_NV, top1_N, active_N, num_active)
-
-    monkeypatch.setattr(smoe_block_module, "balance_loss", spy)
     with torch.no_grad():
-        block(x)
+        _, st = block(x, trace=True)
     expected_passes = torch.tensor([1, 2, 3, 4]).unsqueeze(1).expand(4, 3)
-    assert torch.equal(block.passes_TB, expected_passes)
+    assert torch.equal(st.passes_TB, expected_passes)
     # pass c sees V_c = 8, 6, 4, 2 experts and exactly the tokens whose path contains c
-    assert [v for v, _ in visited] == [8, 6, 4, 2]
+    assert [p.stratum for p in st.trace] == [0, 1, 2, 3]
+    assert [p.probs_nV.size(1) for p in st.trace] == [8, 6, 4, 2]
+    assert st.trace[0].rows_n is None  # pass 0: every row
     paths = {0: {0}, 1: {0, 3}, 2: {0, 1, 3}, 3: {0, 1, 2, 3}}  # class (row t) -> strata
-    for c, (_, active) in enumerate(visited):
+    for c, p in enumerate(st.trace):
+        active = torch.zeros(12, dtype=torch.bool)
+        active[torch.arange(12) if p.rows_n is None else p.rows_n] = True
         active_TB = active.view(4, 3)
         for t in range(4):
             assert active_TB[t].tolist() == [c in paths[t]] * 3, (c, t)
+        # global expert ids: the top-1 of each pass is in stratum >= c
+        assert (p.experts_Kn >= p.first).all() and p.first == 2 * c
 
 
 @torch.no_grad()
@@ -249,8 +247,8 @@ def test_random_init_passes_in_range():
     for seed in range(3):
         block = make_block((2, 2, 2, 2), seed=seed, dtype=torch.float32)
         block.eval()
-        block(rand_x(64, 8, seed=seed + 10, dtype=torch.float32))
-        passes = block.passes_TB
+        _, st = block(rand_x(64, 8, seed=seed + 10, dtype=torch.float32))
+        passes = st.passes_TB
         assert passes.min() >= 1 and passes.max() <= 4
         assert set(passes.flatten().tolist()) == {1, 2, 3, 4}
         means.append(passes.float().mean().item())
@@ -286,17 +284,17 @@ def test_training_capacity_drops_and_dropped_tokens_keep_residual():
     block.train()
     T, B = 5, 2
     x = rand_x(T, B)
-    out = block(x)
-    assert block.assigned.item() == 20
-    assert block.dropped.item() == 2 * (10 - 6)
+    out, st = block(x)
+    assert st.assigned == 20
+    assert st.dropped == 2 * (10 - 6)
     dropped = torch.zeros(T, B, dtype=torch.bool)
     dropped[1:, 1] = True  # priorities 6..9
     assert torch.equal(out[dropped], x[dropped])  # exactly the residual
     assert ((out[~dropped] - x[~dropped]).abs().amax(-1) > 1e-6).all()
     # the same in eval mode: nothing dropped
     block.eval()
-    out_eval = block(x)
-    assert block.dropped.item() == 0
+    out_eval, st = block(x)
+    assert st.dropped == 0
     torch.testing.assert_close(out_eval[~dropped], out[~dropped])
 
 
@@ -319,8 +317,8 @@ def test_training_capacity_top1_assignments_have_priority():
     x = rand_x(5, 2) * 0.1
     x[:, 0, 0] = -10.0
     x[:, 1, 0] = 10.0
-    out = block(x)
-    assert block.dropped.item() == 8 and block.assigned.item() == 20
+    out, st = block(x)
+    assert st.dropped == 8 and st.assigned == 20
     u = block.ffn_norm(x)
     for t in range(1, 5):
         for b, top1 in ((0, 1), (1, 0)):
@@ -339,10 +337,10 @@ def test_dropped_tokens_still_move_by_top1(top1, top2, passes):
     block = _forced_block((2, 2), top1=top1, top2=top2)
     block.train()
     x = rand_x(5, 2)
-    out = block(x)
-    assert (block.passes_TB == passes).all()
-    assert block.dropped.item() == 8
-    assert block.assigned.item() == 20 * passes
+    out, st = block(x)
+    assert (st.passes_TB == passes).all()
+    assert st.dropped == 8
+    assert st.assigned == 20 * passes
     if passes == 1:  # paper mode, exit after stratum 0: fully dropped tokens output x
         assert torch.equal(out[1:, 1], x[1:, 1])
 
@@ -353,9 +351,9 @@ def test_eval_capacity_fraction_drops():
     block.load_state_dict(_forced_block((4,), top1=0, top2=1).state_dict())
     block.eval()
     x = rand_x(5, 2)
-    out = block(x)
+    out, st = block(x)
     # capacity ceil(0.25 * 10) = 3 on experts 0 and 1: 7 + 7 drops, priorities >= 3 lose both
-    assert block.dropped.item() == 14
+    assert st.dropped == 14
     dropped = torch.ones(5, 2, dtype=torch.bool)
     dropped[:3, 0] = False
     assert torch.equal(out[dropped], x[dropped])
@@ -370,18 +368,18 @@ def test_official_vs_paper_residual():
     paper = make_block((2, 2), seed=7, residual="paper").eval()
     official = make_block((2, 2), seed=7, residual="official").eval()
     assert len(paper.strata_norms) == 1 and len(official.strata_norms) == 2
-    y_off = official(x)
+    y_off, st = official(x)
     mean, var = y_off.mean(-1), y_off.var(-1, unbiased=False)
     torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-6, rtol=0)
     torch.testing.assert_close(var, torch.ones_like(var), atol=1e-3, rtol=0)
-    y_pap = paper(x)
+    y_pap, st = paper(x)
     assert (y_pap.mean(-1).abs() > 0.5).any()
     assert ((y_pap.var(-1, unbiased=False) - 1).abs() > 0.1).any()
     # L=1: no exit norm, both modes coincide
     p1 = make_block((4,), seed=8, residual="paper").eval()
     o1 = make_block((4,), seed=8, residual="official").eval()
     o1.load_state_dict(p1.state_dict())
-    assert torch.equal(p1(x), o1(x))
+    assert torch.equal(p1(x)[0], o1(x)[0])
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -395,8 +393,8 @@ def test_gradients_reach_every_router_and_expert(strata, residual):
     g = torch.Generator().manual_seed(11)
     for _ in range(3):
         x = torch.randn(12, 4, D, generator=g, requires_grad=True)
-        out = block(x)
-        (out * torch.randn(out.shape, generator=g)).sum().add(block.aux_loss).backward()
+        out, st = block(x)
+        (out * torch.randn(out.shape, generator=g)).sum().add(st.aux_loss).backward()
         assert x.grad is not None and x.grad.abs().sum() > 0
     for name, p in block.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -416,20 +414,20 @@ def test_eval_deterministic_and_inference_noise():
     x = rand_x(8, 4)
     block = make_block((2, 2), second_expert_policy="sampling").eval()
     torch.manual_seed(0)
-    a = block(x)
+    a, st = block(x)
     torch.manual_seed(1)
-    assert torch.equal(a, block(x))
+    assert torch.equal(a, block(x)[0])
     noisy = make_block((2, 2), second_expert_policy="sampling", inference_noise=True).eval()
     differs = []
     for seed in range(3):
         torch.manual_seed(seed)
-        differs.append(not torch.equal(noisy(x), noisy(x)))
+        differs.append(not torch.equal(noisy(x)[0], noisy(x)[0]))
     assert any(differs)
     # in training the second expert is sampled too
     block.train()
     torch.manual_seed(0)
-    t1 = block(x)
-    assert not torch.equal(t1, block(x))
+    t1, st = block(x)
+    assert not torch.equal(t1, block(x)[0])
 
 
 # ----------------------------------------------------------------------------- padding
@@ -442,16 +440,16 @@ def test_padding_does_not_change_real_tokens(residual):
     x = rand_x(7, 2, seed=13)
     pad = torch.zeros(2, 7, dtype=torch.bool)
     pad[1, 5:] = True  # sentence 1 has length 5
-    out = block(x, pad)
-    passes, assigned = block.passes_TB.clone(), block.assigned.item()
+    out, st = block(x, pad)
+    passes, assigned = st.passes_TB.clone(), st.assigned
     assert (passes[5:, 1] == 0).all() and (passes[:, 0] >= 1).all() and (passes[:5, 1] >= 1).all()
-    assert torch.equal(block.routed_TB, ~pad.t())
+    assert torch.equal(st.routed_TB, ~pad.t())
     assert assigned == 2 * passes.sum().item()  # K=2 at both strata, no drops at eval
     # each sentence alone, without padding
-    out0 = block(x[:, :1])
-    p0, a0 = block.passes_TB.clone(), block.assigned.item()
-    out1 = block(x[:5, 1:])
-    p1, a1 = block.passes_TB.clone(), block.assigned.item()
+    out0, st = block(x[:, :1])
+    p0, a0 = st.passes_TB.clone(), st.assigned
+    out1, st = block(x[:5, 1:])
+    p1, a1 = st.passes_TB.clone(), st.assigned
     # 1e-6, not exact: the router runs in fp32 whatever the block's dtype, and a BLAS may round
     # an fp32 row differently when the batch has another number of rows (seen on one CPU)
     torch.testing.assert_close(out[:, :1], out0, atol=1e-6, rtol=0)
@@ -459,12 +457,12 @@ def test_padding_does_not_change_real_tokens(residual):
     assert torch.equal(passes[:, :1], p0) and torch.equal(passes[:5, 1:], p1)
     assert assigned == a0 + a1
     # same with no padding mask at all on the unpadded sentence
-    torch.testing.assert_close(block(x[:, :1], torch.zeros(1, 7, dtype=torch.bool)), out0)
+    torch.testing.assert_close(block(x[:, :1], torch.zeros(1, 7, dtype=torch.bool))[0], out0)
 
     routed = make_block((2, 2), seed=12, residual=residual, route_padding=True).eval()
-    out_r = routed(x, pad)
-    assert (routed.passes_TB >= 1).all() and routed.routed_TB.all()
-    assert routed.assigned.item() == 2 * routed.passes_TB.sum().item() > assigned
+    out_r, st_r = routed(x, pad)
+    assert (st_r.passes_TB >= 1).all() and st_r.routed_TB.all()
+    assert st_r.assigned == 2 * st_r.passes_TB.sum().item() > assigned
     torch.testing.assert_close(out_r[:, :1], out0, atol=1e-6, rtol=0)
     torch.testing.assert_close(out_r[:5, 1:], out1, atol=1e-6, rtol=0)
 
@@ -480,7 +478,7 @@ def test_eom_eval_scales_expert_part(residual):
     eom = make_block((4,), seed=99, residual=residual, eom=p).eval()
     eom.load_state_dict(base.state_dict())
     x = rand_x(5, 3)
-    y0, yp = base(x), eom(x)
+    y0, yp = base(x)[0], eom(x)[0]
     # gates are fp32 (router precision), hence the tolerance
     torch.testing.assert_close(yp - x, (1 - p) * (y0 - x), atol=1e-6, rtol=1e-6)
     assert not torch.allclose(yp, y0)
@@ -492,7 +490,7 @@ def test_eom_training_masks_whole_assignments():
     block = make_block((4,), seed=15, residual="paper", eom=0.9).train()
     x = rand_x(40, 5)
     torch.manual_seed(0)
-    out = block(x)
+    out, st = block(x)
     same = (out == x).all(-1).double().mean().item()
     assert 0.6 < same < 0.95, same  # ~0.81 (both of a token's assignments masked)
 

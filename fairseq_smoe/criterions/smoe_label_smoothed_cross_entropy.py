@@ -4,6 +4,11 @@ loss = LS-CE summed over target tokens + moe_gate_loss_wt * sample_size * mean o
 blocks of each block's balance loss (itself averaged over the block's passes), spec §2,
 + for CMR models cmr_gate_loss_wt * sample_size * |sum of CMR gates / #tokens - cmr_gate_loss_p|
 (sums over every CMR slot and every non-padding token of the batch, spec §1.10).
+
+The statistics come only from the forward being scored: the model returns them as the
+``RoutingRecord`` in its output (``extra["routing"]``, modules/stats.py). A block skipped by
+layerdrop is not in the record and contributes nothing: the gate term is the mean over the
+blocks that ran (no term when none ran), and the logged passes count only those blocks.
 """
 
 import math
@@ -16,6 +21,8 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterionConfig,
 )
 from fairseq.logging import metrics
+
+from ..modules.stats import mean_balance_loss
 
 DIRECTION_KEY = "direction"  # sample[DIRECTION_KEY]: [B] direction ids, set by smoe_translation
 
@@ -37,21 +44,19 @@ class SMoELabelSmoothedCrossEntropyConfig(LabelSmoothedCrossEntropyCriterionConf
     )
 
 
-def _blocks(model, side):
-    return model.smoe_blocks(side) if hasattr(model, "smoe_blocks") else []
-
-
-def _cmr_blocks(model):
-    if not hasattr(model, "cmr_blocks"):
-        return []
-    return model.cmr_blocks("encoder") + model.cmr_blocks("decoder")
-
-
-def cmr_gate_loss(cmr_blocks, p: float):
-    """(|sum g / #tokens - p|, sum g, #tokens) over all CMR slots; the gate sum keeps its grad."""
-    gate_sum = torch.stack([b.gate_sum for b in cmr_blocks]).sum()
-    count = torch.stack([torch.as_tensor(b.gate_count, device=gate_sum.device) for b in cmr_blocks]).sum()
+def cmr_gate_loss(cmr_stats, p: float):
+    """(|sum g / #tokens - p|, sum g, #tokens) over the CMR slots that ran; the gate sum keeps
+    its grad."""
+    gate_sum = torch.stack([c.gate_sum for c in cmr_stats]).sum()
+    count = torch.stack([torch.as_tensor(c.gate_count, device=gate_sum.device) for c in cmr_stats]).sum()
     return (gate_sum / count.clamp_min(1) - p).abs(), gate_sum, count
+
+
+def routing_record(net_output):
+    """The ``RoutingRecord`` of this forward (``extra["routing"]``), or None for a model that
+    has none (not an smoe_transformer)."""
+    extra = net_output[1] if isinstance(net_output, (tuple, list)) and len(net_output) > 1 else None
+    return extra.get("routing") if isinstance(extra, dict) else None
 
 
 @register_criterion("smoe_label_smoothed_cross_entropy", dataclass=SMoELabelSmoothedCrossEntropyConfig)
@@ -60,6 +65,13 @@ class SMoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion)
                  report_accuracy=False, moe_gate_loss_wt=0.01, cmr_gate_loss_wt=0.01,
                  cmr_gate_loss_p=0.8):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
+        for flag, value, ok, domain in (
+            ("--moe-gate-loss-wt", moe_gate_loss_wt, moe_gate_loss_wt >= 0, ">= 0"),
+            ("--cmr-gate-loss-wt", cmr_gate_loss_wt, cmr_gate_loss_wt >= 0, ">= 0"),
+            ("--cmr-gate-loss-p", cmr_gate_loss_p, 0 <= cmr_gate_loss_p <= 1, "in [0, 1] (a mean gate)"),
+        ):
+            if not ok:
+                raise ValueError(f"{flag} must be {domain}, got {value}")
         self.moe_gate_loss_wt = moe_gate_loss_wt
         self.cmr_gate_loss_wt = cmr_gate_loss_wt
         self.cmr_gate_loss_p = cmr_gate_loss_p
@@ -71,28 +83,32 @@ class SMoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion)
         bsz = sample["target"].size(0)
         sample_size = bsz if self.sentence_avg else sample["ntokens"]
 
-        enc, dec = _blocks(model, "encoder"), _blocks(model, "decoder")
         log = {
             "ntokens": sample["ntokens"],
             "nsentences": bsz,
             "sample_size": sample_size,
         }
-        if enc or dec:
-            gate_loss = torch.stack([b.aux_loss for b in enc + dec]).mean()
-            loss = loss + self.moe_gate_loss_wt * sample_size * gate_loss
-            log["moe_gate_loss"] = gate_loss.detach() * sample_size
+        record = routing_record(net_output)
+        enc = record.blocks("encoder") if record is not None else []
+        dec = record.blocks("decoder") if record is not None else []
+        if record is not None:
+            gate_loss = mean_balance_loss(enc + dec)
+            if gate_loss is not None:
+                loss = loss + self.moe_gate_loss_wt * sample_size * gate_loss
+            log["moe_gate_loss"] = 0.0 if gate_loss is None else gate_loss.detach() * sample_size
+            log["moe_gate_weight"] = 0 if gate_loss is None else sample_size
             for side, blocks in (("enc", enc), ("dec", dec)):
                 log[f"rc_{side}_passes"] = sum(b.passes_TB.sum() for b in blocks) if blocks else 0
                 log[f"rc_{side}_tokens"] = sum(b.routed_TB.sum() for b in blocks) if blocks else 0
             log["moe_dropped"] = sum(b.dropped for b in enc + dec)
             log["moe_assigned"] = sum(b.assigned for b in enc + dec)
-        cmr = _cmr_blocks(model)
-        if cmr:
-            cmr_loss, gate_sum, gate_count = cmr_gate_loss(cmr, self.cmr_gate_loss_p)
-            loss = loss + self.cmr_gate_loss_wt * sample_size * cmr_loss
-            log["cmr_gate_loss"] = cmr_loss.detach() * sample_size
-            log["cmr_gate_sum"] = gate_sum.detach()
-            log["cmr_gate_count"] = gate_count
+            cmr = record.cmr()
+            if cmr:
+                cmr_loss, gate_sum, gate_count = cmr_gate_loss(cmr, self.cmr_gate_loss_p)
+                loss = loss + self.cmr_gate_loss_wt * sample_size * cmr_loss
+                log["cmr_gate_loss"] = cmr_loss.detach() * sample_size
+                log["cmr_gate_sum"] = gate_sum.detach()
+                log["cmr_gate_count"] = gate_count
         log["loss"], log["nll_loss"] = loss.data, nll_loss.data
 
         if DIRECTION_KEY in sample:
@@ -131,8 +147,10 @@ class SMoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion)
             return sum(float(log.get(key, 0)) for log in logging_outputs)
 
         sample_size = total("sample_size")
-        if any("moe_gate_loss" in log for log in logging_outputs) and sample_size > 0:
-            metrics.log_scalar("moe_gate_loss", total("moe_gate_loss") / sample_size, sample_size, round=4)
+        if any("moe_gate_loss" in log for log in logging_outputs):
+            weight = total("moe_gate_weight")
+            if weight > 0:
+                metrics.log_scalar("moe_gate_loss", total("moe_gate_loss") / weight, weight, round=4)
             for side in ("enc", "dec"):
                 tokens = total(f"rc_{side}_tokens")
                 if tokens > 0:

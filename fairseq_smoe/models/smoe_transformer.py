@@ -11,12 +11,12 @@ from fairseq.models.transformer import (
     TransformerModel,
     base_architecture,
 )
-from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 
 from ..modules.cmr import CMRBlock
 from ..modules.config import RESIDUAL_MODES, SECOND_EXPERT_POLICIES, SMoEConfig, parse_strata
 from ..modules.layers import SMoEDecoderLayer, SMoEEncoderLayer
 from ..modules.smoe_block import SMoEBlock
+from ..modules.stats import current_record, recording
 
 
 def smoe_config(args, embed_dim: int, ffn_dim: int) -> SMoEConfig:
@@ -32,6 +32,7 @@ def smoe_config(args, embed_dim: int, ffn_dim: int) -> SMoEConfig:
         eval_capacity_token_fraction=args.moe_eval_capacity_token_fraction,
         eom=args.moe_eom,
         residual=args.smoe_residual,
+        exit_norm=args.smoe_exit_norm,
         route_padding=args.moe_route_padding,
         dropout=args.dropout,
         activation_dropout=args.activation_dropout,
@@ -41,15 +42,46 @@ def smoe_config(args, embed_dim: int, ffn_dim: int) -> SMoEConfig:
     )
 
 
+def check_flags(args) -> None:
+    """Fail fast, at model build time and before any data is read, on flags outside their
+    domain or that cannot form an SMoE model; each message names the flag."""
+    if args.moe_freq is None or args.moe_freq < 0:
+        raise ValueError(f"--moe-freq must be >= 0 (0 = a dense model), got {args.moe_freq}")
+    layers = max(args.encoder_layers, args.decoder_layers)
+    if args.moe_freq > layers:
+        raise ValueError(
+            f"--moe-freq {args.moe_freq} makes no layer an SMoE block: the model has "
+            f"{args.encoder_layers} encoder and {args.decoder_layers} decoder layers and layer i "
+            f"(1-based) is one when i % {args.moe_freq} == 0. Use --moe-freq 1..{layers}, or "
+            f"--moe-freq 0 for a dense model"
+        )
+    f = args.moe_eval_capacity_token_fraction
+    if f is not None and not 0 < f <= 1:
+        raise ValueError(
+            f"--moe-eval-capacity-token-fraction must be in (0, 1] (capacity per expert = "
+            f"ceil(F * tokens); an expert never gets more than every token), got {f}; omit it "
+            f"for unlimited capacity at evaluation (the default: nothing dropped)"
+        )
+    for flag in ("scale_fc", "scale_resids"):
+        if getattr(args, flag, False):
+            raise ValueError(f"--{flag.replace('_', '-')} is not supported by SMoE layers")
+    if getattr(args, "offload_activations", False) and args.moe_freq > 0:
+        raise ValueError(
+            "--offload-activations is not supported with SMoE layers (their activation "
+            "checkpointing keeps the routing statistics' gradients; fairseq's offloading wrapper "
+            "would drop them): use --checkpoint-activations alone"
+        )
+    smoe_config(args, args.encoder_embed_dim, args.encoder_ffn_embed_dim)
+
+
 def is_moe_layer(index: int, moe_freq: int) -> bool:
     """Layer ``index`` (0-based) is an SMoE layer when (index + 1) % moe_freq == 0."""
     return moe_freq > 0 and (index + 1) % moe_freq == 0
 
 
 def _wrap(layer, cfg):
-    # the same activation checkpointing / FSDP wrapping fairseq applies to its own layers
-    if cfg.checkpoint_activations:
-        layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
+    # fairseq's FSDP wrapping of its own layers; activation checkpointing of SMoE layers is the
+    # layer's own (modules/layers.py: fairseq's wrapper would cut the balance loss's gradient)
     min_params = cfg.min_params_to_wrap if not cfg.checkpoint_activations else 0
     return fsdp_wrap(layer, min_num_params=min_params)
 
@@ -61,7 +93,9 @@ class SMoETransformerEncoder(TransformerEncoderBase):
         if not is_moe_layer(index, cfg.moe_freq):
             return super().build_encoder_layer(cfg)
         smoe_cfg = smoe_config(cfg, cfg.encoder.embed_dim, cfg.encoder.ffn_embed_dim)
-        return _wrap(SMoEEncoderLayer(cfg, smoe_cfg, return_fc=self.return_fc), cfg)
+        layer = SMoEEncoderLayer(cfg, smoe_cfg, return_fc=self.return_fc, layer_index=index,
+                                 checkpoint_activations=cfg.checkpoint_activations)
+        return _wrap(layer, cfg)
 
 
 class SMoETransformerDecoder(TransformerDecoderBase):
@@ -71,7 +105,9 @@ class SMoETransformerDecoder(TransformerDecoderBase):
         if not is_moe_layer(index, cfg.moe_freq):
             return super().build_decoder_layer(cfg, no_encoder_attn)
         smoe_cfg = smoe_config(cfg, cfg.decoder.embed_dim, cfg.decoder.ffn_embed_dim)
-        return _wrap(SMoEDecoderLayer(cfg, smoe_cfg, no_encoder_attn), cfg)
+        layer = SMoEDecoderLayer(cfg, smoe_cfg, no_encoder_attn, layer_index=index,
+                                 checkpoint_activations=cfg.checkpoint_activations)
+        return _wrap(layer, cfg)
 
 
 @register_model("smoe_transformer")
@@ -110,6 +146,11 @@ class SMoETransformerModel(TransformerModel):
         parser.add_argument("--smoe-residual", choices=RESIDUAL_MODES,
                             help="official: the released code's LayerNorm/residual behaviour that "
                             "produced the paper's numbers; paper: Eq. 4-7 (default: official)")
+        parser.add_argument("--smoe-exit-norm", action="store_true",
+                            help="an exit LayerNorm on the block output where the residual mode has "
+                            "none: one stratum (the official code's --hmoe-layer 1 --hmoe-layernorm 1 "
+                            "vanilla MoE) or --smoe-residual paper; official mode with several strata "
+                            "always has it (default: off, one stratum = the --hmoe-layer 0 path)")
         parser.add_argument("--moe-route-padding", action="store_true",
                             help="route padding tokens like real ones (official behaviour; "
                             "default: padding takes no capacity)")
@@ -127,11 +168,7 @@ class SMoETransformerModel(TransformerModel):
     @classmethod
     def build_model(cls, args, task):
         smoe_base_architecture(args)
-        # Fail fast, before any data is touched, on flags that cannot form an SMoE model.
-        smoe_config(args, args.encoder_embed_dim, args.encoder_ffn_embed_dim)
-        for flag in ("scale_fc", "scale_resids"):
-            if getattr(args, flag, False):
-                raise ValueError(f"--{flag.replace('_', '-')} is not supported by SMoE layers")
+        check_flags(args)
         return super().build_model(args, task)
 
     @classmethod
@@ -141,6 +178,25 @@ class SMoETransformerModel(TransformerModel):
     @classmethod
     def build_decoder(cls, cfg, tgt_dict, embed_tokens):
         return SMoETransformerDecoder(cfg, tgt_dict, embed_tokens, no_encoder_attn=cfg.no_cross_attention)
+
+    def forward(self, *args, **kwargs):
+        """fairseq's forward; for a model with MoE slots the decoder's ``extra`` dict gains
+        ``"routing"``: the ``RoutingRecord`` of this forward (the statistics of every MoE slot
+        that ran, see modules/stats.py). If a record is already open, this forward adds to it."""
+        if not self.has_moe_slots():
+            return super().forward(*args, **kwargs)
+        record = current_record()
+        with recording(record) as record:
+            out, extra = super().forward(*args, **kwargs)
+        extra["routing"] = record
+        return out, extra
+
+    def has_moe_slots(self) -> bool:
+        """Whether any layer has an MoE FFN slot (False for ``--moe-freq 0``). Not by iterating
+        ``layers``: with layerdrop, iterating a LayerDropModuleList in training skips layers."""
+        if "_has_moe_slots" not in self.__dict__:
+            self._has_moe_slots = any(isinstance(m, (SMoEEncoderLayer, SMoEDecoderLayer)) for m in self.modules())
+        return self._has_moe_slots
 
     def smoe_blocks(self, side: str) -> List[SMoEBlock]:
         """The SMoE blocks of ``side`` ('encoder' or 'decoder'), in layer order (each layer of
@@ -208,7 +264,7 @@ def smoe_base_architecture(args):
     _default(args, "moe_second_expert_policy", "sampling")
     _default(args, "moe_eom", 0.0)
     _default(args, "smoe_residual", "official")
-    for flag in ("moe_top1_expert", "moe_inference_noise", "moe_route_padding", "moe_cmr"):
+    for flag in ("moe_top1_expert", "moe_inference_noise", "moe_route_padding", "moe_cmr", "smoe_exit_norm"):
         _default(args, flag, False)
     _default(args, "moe_stack", 1)
     _default(args, "cmr_gate_drop", 0.0)

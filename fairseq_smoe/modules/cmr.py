@@ -19,21 +19,21 @@ mix is between the dense path and the normalised SMoE output (the official code 
 combine CMR with SMoE at all).
 """
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import SMoEConfig
+from .stats import CMRStats, SlotStats
 
 
 class CMRBlock(nn.Module):
-    """``x_TBd -> x_TBd``: shared FFN + gate around ``moe`` (an SMoEBlock or StackedMoE, which
-    owns the pre-LN ``ffn_norm`` and the residual).
-
-    After each forward: ``gate_sum`` (sum of the gates over counted tokens, with grad, for
-    the budget loss) and ``gate_count`` (counted tokens: non-padding unless padding is routed).
+    """``x_TBd -> (x_TBd, SlotStats)``: shared FFN + gate around ``moe`` (an SMoEBlock or
+    StackedMoE, which owns the pre-LN ``ffn_norm`` and the residual). The statistics carry the
+    wrapped blocks' and the gate's (``CMRStats``: sum of the gates over counted tokens, with
+    grad, for the budget loss, and the counted tokens: non-padding unless padding is routed).
     """
 
     def __init__(self, cfg: SMoEConfig, moe: nn.Module):
@@ -44,8 +44,6 @@ class CMRBlock(nn.Module):
         self.gate = nn.Linear(d, 1)
         self.shared_fc1 = nn.Linear(d, f)
         self.shared_fc2 = nn.Linear(f, d)
-        self.gate_sum: Optional[Tensor] = None
-        self.gate_count: Optional[Tensor] = None
 
     @property
     def ffn_norm(self) -> nn.Module:
@@ -58,21 +56,23 @@ class CMRBlock(nn.Module):
 
     def gates(self, u_TBd: Tensor, padding_mask_BT: Optional[Tensor]):
         """(g_TB in fp32 after dropout and padding mask, number of counted tokens)."""
-        logit = F.linear(u_TBd.float(), self.gate.weight.float(), self.gate.bias.float())
+        with torch.autocast(u_TBd.device.type, enabled=False):  # the gate is fp32 always
+            logit = F.linear(u_TBd.float(), self.gate.weight.float(), self.gate.bias.float())
         g = F.dropout(torch.sigmoid(logit.squeeze(-1)), p=self.cfg.cmr_gate_drop, training=self.training)
         if padding_mask_BT is not None and not self.cfg.route_padding:
             keep_TB = ~padding_mask_BT.t()
             return g * keep_TB.to(g.dtype), keep_TB.sum()
         return g, torch.tensor(g.numel(), device=g.device)
 
-    def forward(self, x_TBd: Tensor, padding_mask_BT: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x_TBd: Tensor, padding_mask_BT: Optional[Tensor] = None,
+                trace: bool = False) -> Tuple[Tensor, SlotStats]:
         u = self.ffn_norm(x_TBd)
         g_TB, count = self.gates(u, padding_mask_BT)
         dense = x_TBd + self.shared_ffn(u)
-        moe = self.moe(x_TBd, padding_mask_BT)
+        moe, moe_stats = self.moe(x_TBd, padding_mask_BT, trace)
         g = g_TB.to(x_TBd.dtype).unsqueeze(-1)
-        self.gate_sum, self.gate_count = g_TB.sum(), count
-        return (1 - g) * dense + g * moe
+        stats = SlotStats(SlotStats.of(moe_stats).blocks, cmr=CMRStats(g_TB.sum(), count))
+        return (1 - g) * dense + g * moe, stats
 
     def extra_repr(self) -> str:
         return f"gate_drop={self.cfg.cmr_gate_drop}"

@@ -47,9 +47,10 @@ class SMoEConfig:
     capacity_factor: float = 1.0  # top-1 training capacity = int(cf * ceil(S / V))
     second_expert_policy: str = "sampling"
     inference_noise: bool = False  # keep the training policy's noise at inference (official code)
-    eval_capacity_token_fraction: Optional[float] = None  # None/<=0: never drop at eval
+    eval_capacity_token_fraction: Optional[float] = None  # None: never drop at eval
     eom: float = 0.0  # expert output masking rate
     residual: str = "official"
+    exit_norm: bool = False  # an exit LayerNorm where the residual mode has none (one stratum, paper)
     route_padding: bool = False
     dropout: float = 0.0  # on expert outputs (the layer's --dropout)
     activation_dropout: float = 0.0
@@ -79,6 +80,12 @@ class SMoEConfig:
             raise ValueError(
                 f"--moe-capacity-factor must be > 0, got {self.capacity_factor}"
             )
+        f = self.eval_capacity_token_fraction
+        if f is not None and not 0 < f <= 1:
+            raise ValueError(
+                f"--moe-eval-capacity-token-fraction must be in (0, 1], got {f}; omit it for "
+                f"unlimited capacity at evaluation"
+            )
         if self.stack < 1:
             raise ValueError(f"--moe-stack must be >= 1, got {self.stack}")
         if self.stack > 1 and self.num_strata > 1:
@@ -102,6 +109,12 @@ class SMoEConfig:
     @property
     def num_strata(self) -> int:
         return len(self.strata)
+
+    @property
+    def has_exit_norm(self) -> bool:
+        """Every token leaves through an exit LayerNorm: always in ``official`` mode with more
+        than one stratum (the released code), else only with ``--smoe-exit-norm``."""
+        return self.exit_norm or (self.residual == "official" and self.num_strata > 1)
 
     @property
     def k(self) -> int:

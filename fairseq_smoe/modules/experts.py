@@ -4,10 +4,13 @@ the fused expert pass of the SMoE block (dispatch, expert FFNs, combine; hand-wr
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .routing import SlotLayout
 
 
 class StackedExperts(nn.Module):
@@ -40,44 +43,38 @@ class StackedExperts(nn.Module):
         h = F.dropout(h, p=self.activation_dropout, training=self.training)
         return torch.baddbmm(self.b2[first:].unsqueeze(1), h, self.w2[first:])
 
-    def weights(self) -> "PassWeights":
-        """The weights as seen by the passes of one block forward (see ExpertGrads)."""
+    def weights(self, dtype: Optional[torch.dtype] = None) -> "PassWeights":
+        """The weights as seen by the passes of one block forward (see ExpertGrads), in
+        ``dtype`` (default: their own), cast once per forward rather than once per pass."""
         grads = ExpertGrads()
-        return PassWeights(grads, *_WeightsEntry.apply(grads, self.w1, self.b1, self.w2, self.b2))
+        params = (self.w1, self.b1, self.w2, self.b2)
+        if dtype is not None:
+            params = tuple(p.to(dtype) for p in params)
+        return PassWeights(grads, *_WeightsEntry.apply(grads, *params))
 
     def mix(self, res_nd: Tensor, u_nd: Tensor, g_Kn: Tensor, weights: "PassWeights",
-            plan: "PassPlan", dropout: float = 0.0) -> Tensor:
+            slots: SlotLayout, dropout: float = 0.0) -> Tensor:
         """One pass: ``res + sum_k g_k * FFN_{e_k}(u)`` for the n rows of ``u`` (see _ExpertMix);
-        ``dropout`` applies to the expert outputs (training only)."""
+        ``dropout`` applies to the expert outputs (training only). The experts compute in the
+        weights' dtype; the combine and the result are in ``res``'s dtype."""
         p_act = self.activation_dropout if self.training else 0.0
         p_out = dropout if self.training else 0.0
         return _ExpertMix.apply(
             res_nd, u_nd, g_Kn, weights.w1, weights.b1, weights.w2, weights.b2,
-            weights.grads, plan, p_act, p_out,
+            weights.grads, slots, p_act, p_out,
         )
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, embed_dim={self.embed_dim}, ffn_dim={self.ffn_dim}"
 
 
-@dataclass
-class PassPlan:
-    """Where every assignment of a pass goes, built by the router (all small index tensors).
-
-    The expert buffer has V x C slots (slot e*C + i = position i of visible expert e).
-    ``src_S``: the row of u each slot reads (empty slots read row 0, and get weight 0);
-    ``slot_A``: the slot of each assignment a = k*n + row (assignments that are not computed,
-    i.e. dropped by capacity, a second choice dropped by the ``random`` policy or a padding
-    row, point at an empty slot, which always exists for them and whose output gets weight 0
-    and whose gradient is exactly 0); ``asg_S``: the assignment of each slot (K*n if empty).
-    """
-
-    first: int  # global id of the first visible expert
-    V: int
-    C: int
-    src_S: Tensor
-    slot_A: Tensor
-    asg_S: Tensor
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the experts compute in: autocast's for ``x``'s device when autocast is on
+    (``--amp``, ``torch.autocast``), else ``x``'s own (``--fp16``/``--bf16`` models are cast)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 @dataclass
@@ -160,32 +157,36 @@ class _ExpertMix(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, res_nd, u_nd, g_Kn, w1, b1, w2, b2, grads, plan, p_act, p_out):
-        first, V, C = plan.first, plan.V, plan.C
+    def forward(ctx, res_nd, u_nd, g_Kn, w1, b1, w2, b2, grads, slots, p_act, p_out):
+        first, V, C = slots.first, slots.V, slots.C
         n, d = u_nd.shape
         K = g_Kn.size(0)
-        buf = u_nd.index_select(0, plan.src_S).view(V, C, d)
-        h = torch.baddbmm(b1[first:].unsqueeze(1), buf, w1[first:]).relu_()
-        if p_act > 0:
-            h = F.dropout(h, p=p_act, training=True, inplace=True)
-        y = torch.baddbmm(b2[first:].unsqueeze(1), h, w2[first:]).view(V * C, d)
-        mask = None
-        if p_out > 0:
-            y, mask = torch.ops.aten.native_dropout(y, p_out, True)
-        y_Ad = y.index_select(0, plan.slot_A)
-        g = g_Kn.to(y.dtype).unsqueeze(2)
-        out = torch.addcmul(res_nd, y_Ad[:n], g[0])
-        if K == 2:
-            out.addcmul_(y_Ad[n:], g[1])
+        # Autocast is off in here: the experts run in the weights' dtype (compute_dtype), the
+        # combine in the residual's, and the backward casts at the same two places.
+        with torch.autocast(u_nd.device.type, enabled=False):
+            buf = u_nd.index_select(0, slots.src_S).to(w1.dtype).view(V, C, d)
+            h = torch.baddbmm(b1[first:].unsqueeze(1), buf, w1[first:]).relu_()
+            if p_act > 0:
+                h = F.dropout(h, p=p_act, training=True, inplace=True)
+            y = torch.baddbmm(b2[first:].unsqueeze(1), h, w2[first:]).view(V * C, d)
+            mask = None
+            if p_out > 0:
+                y, mask = torch.ops.aten.native_dropout(y, p_out, True)
+            y_Ad = y.index_select(0, slots.slot_A).to(res_nd.dtype)
+            g = g_Kn.to(res_nd.dtype).unsqueeze(2)
+            out = torch.addcmul(res_nd, y_Ad[:n], g[0])
+            if K == 2:
+                out.addcmul_(y_Ad[n:], g[1])
         ctx.save_for_backward(buf, h, y_Ad, g_Kn, w1, b1, w2, b2, mask)
-        ctx.plan, ctx.grads, ctx.p_act, ctx.p_out = plan, grads, p_act, p_out
+        ctx.slots, ctx.grads, ctx.p_act, ctx.p_out = slots, grads, p_act, p_out
+        ctx.u_dtype = u_nd.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         buf, h, y_Ad, g_Kn, w1, b1, w2, b2, mask = ctx.saved_tensors
-        plan = ctx.plan
-        first, V, C = plan.first, plan.V, plan.C
+        slots = ctx.slots
+        first, V, C = slots.first, slots.V, slots.C
         K, n = g_Kn.shape
         d = buf.size(2)
         grad_out = grad_out.contiguous()
@@ -194,8 +195,8 @@ class _ExpertMix(torch.autograd.Function):
         if ctx.needs_input_grad[2]:  # d out / d g_k = the assignment's expert output row
             grad_g = torch.linalg.vecdot(y_Ad.view(K, n, d), grad_out.unsqueeze(0)).to(g_Kn.dtype)
         # d out / d y at each slot: its token's output gradient times its combine weight
-        w_S = F.pad(g_Kn.detach().reshape(-1), (0, 1)).to(grad_out.dtype).index_select(0, plan.asg_S)
-        grad_y = grad_out.index_select(0, plan.src_S).mul_(w_S.unsqueeze(1))
+        w_S = F.pad(g_Kn.detach().reshape(-1), (0, 1)).to(grad_out.dtype).index_select(0, slots.asg_S)
+        grad_y = grad_out.index_select(0, slots.src_S).mul_(w_S.unsqueeze(1)).to(buf.dtype)
         if mask is not None:
             grad_y = torch.ops.aten.native_dropout_backward(grad_y, mask, 1.0 / (1.0 - ctx.p_out))
         grad_y = grad_y.view(V, C, d)
@@ -209,6 +210,6 @@ class _ExpertMix(torch.autograd.Function):
         grad_u = None
         if ctx.needs_input_grad[1]:
             grad_buf = torch.bmm(grad_h, w1[first:].transpose(1, 2)).view(V * C, d)
-            G = grad_buf.index_select(0, plan.slot_A)
-            grad_u = G[:n] if K == 1 else torch.add(G[:n], G[n:])
+            G = grad_buf.index_select(0, slots.slot_A)
+            grad_u = (G[:n] if K == 1 else torch.add(G[:n], G[n:])).to(ctx.u_dtype)
         return grad_res, grad_u, grad_g, None, None, None, None, None, None, None, None

@@ -6,19 +6,32 @@ zero (a scalar 0 broadcast into the residual add, no compute), and the MoE slot,
 the FFN LayerNorm and residual, runs on the layer's output. ``build_moe_slot`` picks the slot:
 an SMoE block (one stratum = vanilla MoE / Switch), stacked plain MoE layers (``stack > 1``),
 either of them wrapped in CMR (``cmr``).
+
+A layer hands its slot's statistics to the routing record open for the current forward
+(``stats.recording``; none open: they are dropped). Activation checkpointing
+(``--checkpoint-activations``) is done here rather than by fairseq's wrapper: fairseq's runs the
+first forward under ``no_grad`` and returns only the layer output, so the balance loss would
+lose its gradient; ours (``torch.utils.checkpoint``, non-reentrant) returns the statistics as
+outputs of the checkpointed function, with their gradients, and recomputes the layer in
+backward with the same random state (same dropout masks, same sampled second experts).
 """
 
+from typing import Optional
+
+import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
 
 from .cmr import CMRBlock
 from .config import SMoEConfig
 from .smoe_block import SMoEBlock
 from .stacked import StackedMoE
+from .stats import SlotStats, current_record
 
 
 def build_moe_slot(cfg: SMoEConfig) -> nn.Module:
-    """The FFN slot module for ``cfg``: ``x_TBd, padding_mask_BT -> x_TBd`` with residual."""
+    """The FFN slot module for ``cfg``: ``x_TBd, padding_mask_BT, trace -> (x_TBd, stats)``."""
     moe = StackedMoE(cfg) if cfg.stack > 1 else SMoEBlock(cfg)
     return CMRBlock(cfg, moe) if cfg.cmr else moe
 
@@ -30,41 +43,70 @@ class _ZeroFFN(nn.Module):
         return x.new_zeros(())
 
 
-def _disable_dense_ffn(layer: nn.Module) -> None:
-    layer.final_layer_norm = nn.Identity()  # the SMoE block owns the FFN LayerNorm
+class _SMoELayerMixin:
+    """What the encoder and decoder SMoE layers share: the slot, checkpointing, recording."""
+
+    side = ""
+
+    def _init_moe(self, smoe_cfg: SMoEConfig, layer_index: int, checkpoint_activations: bool):
+        self.final_layer_norm = nn.Identity()  # the SMoE slot owns the FFN LayerNorm
+        self.moe = build_moe_slot(smoe_cfg)
+        self.layer_index = layer_index
+        self.checkpoint_activations = checkpoint_activations
+
+    def build_fc1(self, input_dim, output_dim, q_noise, qn_block_size):
+        return _ZeroFFN()
+
+    def build_fc2(self, input_dim, output_dim, q_noise, qn_block_size):
+        return nn.Identity()
+
+    def _run(self, layer_forward, *args, **kwargs):
+        """``layer_forward(trace, *args, **kwargs) -> (outputs, SlotStats)``, checkpointed if
+        asked; the statistics go to the open record."""
+        record = current_record()
+        trace = record is not None and record.detail
+        if self.checkpoint_activations and torch.is_grad_enabled():
+            out, stats = checkpoint(layer_forward, trace, *args, use_reentrant=False, **kwargs)
+        else:
+            out, stats = layer_forward(trace, *args, **kwargs)
+        if record is not None:
+            record.add(self.side, self.layer_index, SlotStats.of(stats))
+        return out
 
 
-class SMoEEncoderLayer(TransformerEncoderLayerBase):
-    def __init__(self, cfg, smoe_cfg: SMoEConfig, return_fc: bool = False):
+class SMoEEncoderLayer(_SMoELayerMixin, TransformerEncoderLayerBase):
+    side = "encoder"
+
+    def __init__(self, cfg, smoe_cfg: SMoEConfig, return_fc: bool = False, layer_index: int = 0,
+                 checkpoint_activations: bool = False):
         super().__init__(cfg, return_fc=return_fc)
-        _disable_dense_ffn(self)
-        self.moe = build_moe_slot(smoe_cfg)
+        self._init_moe(smoe_cfg, layer_index, checkpoint_activations)
 
-    def build_fc1(self, input_dim, output_dim, q_noise, qn_block_size):
-        return _ZeroFFN()
-
-    def build_fc2(self, input_dim, output_dim, q_noise, qn_block_size):
-        return nn.Identity()
-
-    def forward(self, x, encoder_padding_mask, attn_mask=None):
-        out = super().forward(x, encoder_padding_mask, attn_mask)
+    def _layer(self, trace, x, encoder_padding_mask, attn_mask=None):
+        out = TransformerEncoderLayerBase.forward(self, x, encoder_padding_mask, attn_mask)
         if isinstance(out, tuple):  # return_fc
-            return self.moe(out[0], encoder_padding_mask), out[1]
-        return self.moe(out, encoder_padding_mask)
+            y, stats = self.moe(out[0], encoder_padding_mask, trace)
+            return (y, out[1]), stats
+        return self.moe(out, encoder_padding_mask, trace)
+
+    def forward(self, x, encoder_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor] = None):
+        return self._run(self._layer, x, encoder_padding_mask, attn_mask)
 
 
-class SMoEDecoderLayer(TransformerDecoderLayerBase):
-    def __init__(self, cfg, smoe_cfg: SMoEConfig, no_encoder_attn=False, add_bias_kv=False, add_zero_attn=False):
+class SMoEDecoderLayer(_SMoELayerMixin, TransformerDecoderLayerBase):
+    side = "decoder"
+
+    def __init__(self, cfg, smoe_cfg: SMoEConfig, no_encoder_attn=False, add_bias_kv=False,
+                 add_zero_attn=False, layer_index: int = 0, checkpoint_activations: bool = False):
         super().__init__(cfg, no_encoder_attn=no_encoder_attn, add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn)
-        _disable_dense_ffn(self)
-        self.moe = build_moe_slot(smoe_cfg)
+        self._init_moe(smoe_cfg, layer_index, checkpoint_activations)
 
-    def build_fc1(self, input_dim, output_dim, q_noise, qn_block_size):
-        return _ZeroFFN()
+    def _layer(self, trace, x, *args, self_attn_padding_mask=None, **kwargs):
+        x, attn, state = TransformerDecoderLayerBase.forward(
+            self, x, *args, self_attn_padding_mask=self_attn_padding_mask, **kwargs
+        )
+        y, stats = self.moe(x, self_attn_padding_mask, trace)
+        return (y, attn, state), stats
 
-    def build_fc2(self, input_dim, output_dim, q_noise, qn_block_size):
-        return nn.Identity()
-
-    def forward(self, x, *args, self_attn_padding_mask=None, **kwargs):
-        x, attn, state = super().forward(x, *args, self_attn_padding_mask=self_attn_padding_mask, **kwargs)
-        return self.moe(x, self_attn_padding_mask), attn, state
+    def forward(self, x, *args, **kwargs):
+        return self._run(self._layer, x, *args, **kwargs)

@@ -1,4 +1,6 @@
-"""Routing for one SMoE pass, as small pure functions (spec §1.6, §2).
+"""Routing for one SMoE pass, as small pure functions (spec §1.6, §2), and ``plan_pass``, which
+composes them into the plan of one pass: who goes to which expert slot, with which weight, and
+where each token goes next.
 
 Shapes: N tokens, V visible experts of the current stratum (local ids 0..V-1), K = 1 or 2
 expert choices per token, A = K*N assignments ordered choice-major (all first choices, then
@@ -6,7 +8,8 @@ all second choices), which is what gives first choices priority for capacity slo
 """
 
 import math
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -107,14 +110,208 @@ def combine_weights(gates_KN: Tensor, kept_KN: Tensor, renormalize: bool) -> Ten
     return g_KN
 
 
-def balance_loss(probs_NV: Tensor, top1_N: Tensor, active_N: Tensor, num_active: int) -> Tensor:
+def balance_loss(probs_NV: Tensor, top1_N: Tensor, active_N: Optional[Tensor], num_active: int) -> Tensor:
     """GShard load-balancing loss over the active tokens: V * sum_e f_e * P_e.
 
     f_e: fraction of active tokens whose first choice (before capacity dropping) is e;
     P_e: mean router probability of e. Equals 1 for perfectly balanced routing.
+    ``active_N`` None means every row is active.
     """
     V = probs_NV.size(1)
-    m_N = active_N.to(probs_NV.dtype)
-    P_V = (probs_NV * m_N.unsqueeze(1)).sum(0) / num_active
+    if active_N is None:
+        P_V = probs_NV.sum(0) / num_active
+        m_N = torch.ones_like(top1_N, dtype=probs_NV.dtype)
+    else:
+        m_N = active_N.to(probs_NV.dtype)
+        P_V = (probs_NV * m_N.unsqueeze(1)).sum(0) / num_active
     f_V = torch.zeros(V, dtype=probs_NV.dtype, device=probs_NV.device).index_add_(0, top1_N, m_N)
     return V * (f_V / num_active * P_V).sum()
+
+
+def count_per_bin(ids: Tensor, num_bins: int) -> Tensor:
+    """``bincount(ids, minlength=num_bins)`` for ids in ``[0, num_bins)`` without reading the
+    maximum back to the host (CUDA's bincount does, to size its output)."""
+    return torch.zeros(num_bins, dtype=torch.long, device=ids.device).scatter_add_(
+        0, ids, torch.ones_like(ids)
+    )
+
+
+_host_reads = [0]
+
+
+def read_to_host(t: Tensor) -> List[int]:
+    """The device-to-host read of a pass: every count the host needs, in one transfer.
+    ``host_reads()`` tells how many happened, so a test can hold the block to one per pass."""
+    _host_reads[0] += 1
+    return t.tolist()
+
+
+def host_reads() -> int:
+    """Number of ``read_to_host`` calls in this process so far."""
+    return _host_reads[0]
+
+
+def expert_output_mask(g_Kn: Tensor, p: float, training: bool) -> Tensor:
+    """EoM (spec §1.6.7): in training, zero each token-expert assignment's combine weight with
+    probability ``p`` (no rescaling); at evaluation scale every weight by (1 - p)."""
+    if p <= 0:
+        return g_Kn
+    if training:
+        return g_Kn * (torch.rand_like(g_Kn) >= p)
+    return g_Kn * (1.0 - p)
+
+
+# ----------------------------------------------------------------------------- the plan of a pass
+
+
+@dataclass(frozen=True)
+class CapacityRule:
+    """How many slots an expert gets in a pass (``expert_capacity``)."""
+
+    training: bool
+    capacity_factor: float = 1.0
+    eval_fraction: Optional[float] = None
+
+    def capacity(self, num_tokens: int, num_visible: int, k: int) -> Optional[int]:
+        return expert_capacity(
+            num_tokens, num_visible, k, training=self.training,
+            capacity_factor=self.capacity_factor, eval_fraction=self.eval_fraction,
+        )
+
+
+@dataclass
+class SlotLayout:
+    """Where every assignment of a pass goes in the expert buffer (all small index tensors).
+
+    The buffer has V x C slots (slot e*C + i = position i of visible expert e). ``src_S``: the
+    row each slot reads (empty slots read row 0, and get weight 0); ``slot_A``: the slot of each
+    assignment a = k*n + row (assignments that are not computed, i.e. dropped by capacity, a
+    second choice dropped by the ``random`` policy or a padding row, point at an empty slot,
+    which always exists for them and whose output gets weight 0 and whose gradient is exactly
+    0); ``asg_S``: the assignment of each slot (K*n if empty)."""
+
+    first: int  # global id of the first visible expert
+    V: int
+    C: int
+    src_S: Tensor
+    slot_A: Tensor
+    asg_S: Tensor
+
+
+@dataclass
+class PassPlan:
+    """Everything a pass needs once its router has spoken (``plan_pass``).
+
+    Device tensors over the n rows of the pass: ``probs_nV`` (fp32 router softmax),
+    ``experts_Kn`` (local expert ids), ``kept_Kn`` (the assignment is computed), ``g_Kn``
+    (combine weights, after dropping), ``next_n`` (the stratum each row goes to next, L = it
+    leaves the block; from the top-1 expert, before any dropping). Host ints: ``num_active``
+    (rows routed), ``loads`` (assignments per visible expert), ``next_counts`` (rows per next
+    stratum 0..L), ``assigned`` / ``kept`` (assignments made / computed)."""
+
+    stratum: int
+    slots: SlotLayout
+    probs_nV: Tensor
+    experts_Kn: Tensor
+    kept_Kn: Tensor
+    g_Kn: Tensor
+    next_n: Tensor
+    num_active: int
+    loads: List[int]
+    next_counts: List[int]
+    assigned: int
+    kept: int
+
+    @property
+    def top1_n(self) -> Tensor:
+        return self.experts_Kn[0]
+
+
+def plan_pass(
+    logits_nV: Tensor,
+    prio_n: Tensor,
+    *,
+    stratum: int,
+    strata: Sequence[int],
+    rule: CapacityRule,
+    k: int = 2,
+    policy: str = "all",
+    noisy: bool = False,
+    valid_n: Optional[Tensor] = None,
+    priority_bound: Optional[int] = None,
+    stratum_of_expert: Optional[Tensor] = None,
+) -> Optional[PassPlan]:
+    """The plan of one pass at ``stratum`` over n rows, from its router's logits.
+
+    ``prio_n``: each row's capacity priority (unique, in ``[0, priority_bound)``, default n);
+    assignment a = k*n + row gets priority k*bound + prio, so every first choice queues before
+    every second choice. ``valid_n``: rows that are routed (None: all); the others take no
+    slot and leave the block. ``stratum_of_expert``: the stratum of every global expert id on
+    the logits' device (built from ``strata`` if not given). Returns None when no row is routed.
+
+    One host read (``read_to_host``): the expert loads (they size the buffer), the number of
+    rows going to each later stratum (so the block gathers them without a read of its own) and
+    the number of routed rows (it sets the capacity).
+    """
+    n = logits_nV.size(0)
+    L, first = len(strata), sum(strata[:stratum])
+    V = logits_nV.size(1)
+    dev = logits_nV.device
+    bound = n if priority_bound is None else priority_bound
+    probs_nV, experts_Kn, gates_Kn, keep_Kn = select_experts(logits_nV, k, policy, noisy)
+    K = experts_Kn.size(0)
+    A = K * n
+    valid_Kn = keep_Kn if valid_n is None else keep_Kn & valid_n.unsqueeze(0)
+    expert_A = torch.where(valid_Kn, experts_Kn, V).reshape(-1)  # V = not routed
+    prio_A = (torch.arange(K, device=dev).unsqueeze(1) * bound + prio_n).reshape(-1)
+    pos_A, counts_B = slot_positions(expert_A, prio_A, V + 1, priority_bound=K * bound)
+
+    # The next stratum follows the top-1 expert, chosen before any capacity dropping.
+    if stratum_of_expert is None:
+        stratum_of_expert = stratum_map(strata).to(dev)
+    next_n = stratum_of_expert[experts_Kn[0] + first] + 1
+    if valid_n is not None:
+        next_n = torch.where(valid_n, next_n, L)
+    host = [counts_B[:V], count_per_bin(next_n, L + 1)]
+    if valid_n is not None:
+        host.append(valid_n.sum().unsqueeze(0))
+    host = read_to_host(torch.cat(host))
+    loads, next_counts = host[:V], host[V : V + L + 1]
+    num_active = host[-1] if valid_n is not None else n
+    if num_active == 0:
+        return None
+
+    cap = rule.capacity(num_active, V, K)
+    C = max(loads) if cap is None else min(cap, max(loads))
+    kept_V = [min(load, C) for load in loads]  # host ints, V of them
+    kept_A = (expert_A < V) & (pos_A < C)
+    g_Kn = combine_weights(gates_Kn, kept_A.view(K, n), renormalize=(K == 2))
+    slots = slot_layout(expert_A, pos_A, kept_A, kept_V, C, first, n)
+    return PassPlan(
+        stratum=stratum, slots=slots, probs_nV=probs_nV, experts_Kn=experts_Kn,
+        kept_Kn=kept_A.view(K, n), g_Kn=g_Kn, next_n=next_n, num_active=num_active,
+        loads=loads, next_counts=next_counts, assigned=sum(loads), kept=sum(kept_V),
+    )
+
+
+def stratum_map(strata: Sequence[int]) -> Tensor:
+    """The stratum of every global expert id: ``[E]`` long."""
+    return torch.repeat_interleave(torch.arange(len(strata)), torch.tensor(list(strata)))
+
+
+def slot_layout(expert_A: Tensor, pos_A: Tensor, kept_A: Tensor, kept_V: List[int], C: int,
+                first: int, n: int) -> SlotLayout:
+    """Expert e's kept assignments fill positions 0..kept_V[e]-1 of its slots. Assignments that
+    are not computed point at an empty slot (their weight is 0); when every slot is full
+    (possible with top-1 capacity or an eval capacity fraction), one spare slot per expert
+    provides it."""
+    A, V = expert_A.numel(), len(kept_V)
+    kept = sum(kept_V)
+    C_buf = C + 1 if (kept < A and kept == V * C) else C
+    empty = next((e * C_buf + kept_V[e] for e in range(V) if kept_V[e] < C_buf), 0)
+    S = V * C_buf
+    slot_A = torch.where(kept_A, expert_A * C_buf + pos_A, empty)
+    asg_S = torch.full((S + 1,), A, dtype=torch.long, device=expert_A.device)
+    asg_S = asg_S.scatter_(0, torch.where(kept_A, slot_A, S), torch.arange(A, device=expert_A.device))[:S]
+    src_S = asg_S % n  # the row each slot reads; empty slots read row 0 (A % n == 0)
+    return SlotLayout(first=first, V=V, C=C_buf, src_S=src_S, slot_A=slot_A, asg_S=asg_S)

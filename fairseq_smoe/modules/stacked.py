@@ -14,12 +14,13 @@ release this baseline; this is our reading of the paper's description.
 """
 
 from dataclasses import replace
-from typing import Optional
+from typing import Optional, Tuple
 
 from torch import Tensor, nn
 
 from .config import SMoEConfig
 from .smoe_block import SMoEBlock
+from .stats import BlockStats, SlotStats
 
 
 def bare_block(cfg: SMoEConfig) -> SMoEBlock:
@@ -30,11 +31,14 @@ def bare_block(cfg: SMoEConfig) -> SMoEBlock:
     return block
 
 
-def routed_mixture(block: SMoEBlock, z_TBd: Tensor, padding_mask_BT: Optional[Tensor]) -> Tensor:
+def routed_mixture(block: SMoEBlock, z_TBd: Tensor, padding_mask_BT: Optional[Tensor],
+                   trace: bool = False) -> Tuple[Tensor, BlockStats]:
     """M(z) of a bare one-stratum block: its output minus the residual it adds (0 at
-    positions that are not routed). SMoEBlock always adds its residual; if it ever grows an
-    option to return only the mixture, this is the one place to use it."""
-    return block(z_TBd, padding_mask_BT) - z_TBd
+    positions that are not routed), and the block's statistics. SMoEBlock always adds its
+    residual; if it ever grows an option to return only the mixture, this is the one place to
+    use it."""
+    out, stats = block(z_TBd, padding_mask_BT, trace)
+    return out - z_TBd, stats
 
 
 class StackedMoE(nn.Module):
@@ -51,11 +55,14 @@ class StackedMoE(nn.Module):
         self.ffn_norm = nn.LayerNorm(cfg.embed_dim)
         self.blocks = nn.ModuleList([bare_block(layer_cfg) for _ in range(cfg.stack)])
 
-    def forward(self, x_TBd: Tensor, padding_mask_BT: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x_TBd: Tensor, padding_mask_BT: Optional[Tensor] = None,
+                trace: bool = False) -> Tuple[Tensor, SlotStats]:
         z = self.ffn_norm(x_TBd)
+        blocks = []
         for block in self.blocks:
-            z = routed_mixture(block, z, padding_mask_BT)
-        return x_TBd + z
+            z, stats = routed_mixture(block, z, padding_mask_BT, trace)
+            blocks.append(stats)
+        return x_TBd + z, SlotStats(blocks)
 
     def extra_repr(self) -> str:
         return f"stack={self.cfg.stack}, experts_per_layer={self.cfg.num_experts // self.cfg.stack}"

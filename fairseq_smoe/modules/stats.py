@@ -23,7 +23,7 @@ assignments were computed and the router probabilities (``PassTrace``), for rout
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Union
 
 import torch
 from torch import Tensor
@@ -54,13 +54,13 @@ class BlockStats:
     ``aux_loss``: balance loss averaged over the passes run (scalar, keeps its gradient);
     ``passes_TB``: passes per token (0 for tokens that are not routed); ``routed_TB``: which
     tokens were routed; ``dropped`` / ``assigned``: expert assignments dropped by capacity /
-    made (long scalars); ``trace``: per-pass detail, or None."""
+    made (host ints: the passes' plans count them anyway); ``trace``: per-pass detail, or None."""
 
     aux_loss: Tensor
     passes_TB: Tensor
     routed_TB: Tensor
-    dropped: Tensor
-    assigned: Tensor
+    dropped: int
+    assigned: int
     trace: Optional[List[PassTrace]] = None
 
 
@@ -80,6 +80,11 @@ class SlotStats:
 
     blocks: List[BlockStats]
     cmr: Optional[CMRStats] = None
+
+    @staticmethod
+    def of(stats: Union["SlotStats", BlockStats]) -> "SlotStats":
+        """A slot's statistics from what its module returned (a bare block returns BlockStats)."""
+        return stats if isinstance(stats, SlotStats) else SlotStats([stats])
 
 
 @dataclass
