@@ -30,6 +30,7 @@ def smoe_config(args, embed_dim: int, ffn_dim: int) -> SMoEConfig:
         second_expert_policy=args.moe_second_expert_policy,
         inference_noise=args.moe_inference_noise,
         eval_capacity_token_fraction=args.moe_eval_capacity_token_fraction,
+        dropless=args.moe_dropless,
         eom=args.moe_eom,
         residual=args.smoe_residual,
         exit_norm=args.smoe_exit_norm,
@@ -141,6 +142,10 @@ class SMoETransformerModel(TransformerModel):
         parser.add_argument("--moe-eval-capacity-token-fraction", type=float, metavar="F",
                             help="eval/generation capacity per expert = ceil(F * tokens); "
                             "default: unlimited, no token is ever dropped")
+        parser.add_argument("--moe-dropless", action="store_true",
+                            help="no capacity limit in training either: no assignment is ever "
+                            "dropped (MegaBlocks/Tutel-style); the paper trains with capacity "
+                            "2*ceil(S/V) (top-2) or the capacity factor (top-1), which this ignores")
         parser.add_argument("--moe-eom", type=float, metavar="P",
                             help="expert output masking rate (default: 0.0)")
         parser.add_argument("--smoe-residual", choices=RESIDUAL_MODES,
@@ -264,7 +269,7 @@ def smoe_base_architecture(args):
     _default(args, "moe_second_expert_policy", "sampling")
     _default(args, "moe_eom", 0.0)
     _default(args, "smoe_residual", "official")
-    for flag in ("moe_top1_expert", "moe_inference_noise", "moe_route_padding", "moe_cmr", "smoe_exit_norm"):
+    for flag in ("moe_top1_expert", "moe_inference_noise", "moe_route_padding", "moe_cmr", "smoe_exit_norm", "moe_dropless"):
         _default(args, flag, False)
     _default(args, "moe_stack", 1)
     _default(args, "cmr_gate_drop", 0.0)

@@ -48,6 +48,7 @@ class SMoEConfig:
     second_expert_policy: str = "sampling"
     inference_noise: bool = False  # keep the training policy's noise at inference (official code)
     eval_capacity_token_fraction: Optional[float] = None  # None: never drop at eval
+    dropless: bool = False  # no capacity limit in training either (MegaBlocks / Tutel style)
     eom: float = 0.0  # expert output masking rate
     residual: str = "official"
     exit_norm: bool = False  # an exit LayerNorm where the residual mode has none (one stratum, paper)
@@ -85,6 +86,11 @@ class SMoEConfig:
             raise ValueError(
                 f"--moe-eval-capacity-token-fraction must be in (0, 1], got {f}; omit it for "
                 f"unlimited capacity at evaluation"
+            )
+        if self.dropless and f is not None:
+            raise ValueError(
+                f"--moe-dropless never drops an assignment, but --moe-eval-capacity-token-fraction "
+                f"{f} asks for a capacity at evaluation; drop one of the two flags"
             )
         if self.stack < 1:
             raise ValueError(f"--moe-stack must be >= 1, got {self.stack}")

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .grouped import grouped_linear, grouped_linear_t, grouped_weight_grad
 from .routing import SlotLayout
 
 
@@ -92,33 +93,24 @@ class ExpertGrads:
     Each pass uses the experts ``first..E-1`` (a suffix); letting autograd return a full-size
     gradient per pass would allocate, zero and add ``[E, d, d_ff]`` tensors at every pass.
     Instead each pass's backward writes (first time) or adds (later) its slice in place, with
-    the GEMM itself (``baddbmm_``), and ``_WeightsEntry``, whose outputs every pass consumes
-    and whose backward therefore runs after all of theirs, hands the totals to autograd.
+    the GEMM itself (``grouped.grouped_weight_grad``), and ``_WeightsEntry``, whose outputs
+    every pass consumes and whose backward therefore runs after all of theirs, hands the
+    totals to autograd.
     """
 
     def __init__(self):
         self.tensors = None
         self.lo = None  # rows lo..E-1 are initialised (a union of suffixes is a suffix)
 
-    def add(self, first: int, buf_VCd, h_VCf, grad_h_VCf, grad_y_VCd, like):
+    def add(self, slots: SlotLayout, buf_Rd, h_Rf, grad_h_Rf, grad_y_Rd, like):
         if self.tensors is None:
             self.tensors = [torch.empty_like(p) for p in like]
             self.lo = like[0].size(0)
         gw1, gb1, gw2, gb2 = self.tensors
-        m = max(0, self.lo - first)  # local experts 0..m-1 have no gradient yet
-        V = buf_VCd.size(0)
-        if m > 0:
-            s = slice(first, first + m)
-            torch.bmm(buf_VCd[:m].transpose(1, 2), grad_h_VCf[:m], out=gw1[s])
-            torch.bmm(h_VCf[:m].transpose(1, 2), grad_y_VCd[:m], out=gw2[s])
-            torch.sum(grad_h_VCf[:m], 1, out=gb1[s])
-            torch.sum(grad_y_VCd[:m], 1, out=gb2[s])
-        if m < V:
-            s = slice(first + m, None)
-            gw1[s].baddbmm_(buf_VCd[m:].transpose(1, 2), grad_h_VCf[m:])
-            gw2[s].baddbmm_(h_VCf[m:].transpose(1, 2), grad_y_VCd[m:])
-            gb1[s].add_(grad_h_VCf[m:].sum(1))
-            gb2[s].add_(grad_y_VCd[m:].sum(1))
+        first = slots.first
+        fresh = max(0, self.lo - first)  # local experts 0..fresh-1 have no gradient yet
+        grouped_weight_grad(buf_Rd, grad_h_Rf, slots.counts, gw1[first:], gb1[first:], fresh, slots.counts_V)
+        grouped_weight_grad(h_Rf, grad_y_Rd, slots.counts, gw2[first:], gb2[first:], fresh, slots.counts_V)
         self.lo = min(self.lo, first)
 
     def take(self):
@@ -149,26 +141,28 @@ class _WeightsEntry(torch.autograd.Function):
 class _ExpertMix(torch.autograd.Function):
     """out = res + sum_k g_k * FFN_{e_k}(u), the expert part of one pass, fused.
 
-    Forward: gather u's rows into the [V, C, d] slot buffer, two batched GEMMs (bias, ReLU in
-    place, the dropouts), gather each assignment's output row, and two ``addcmul`` into the
-    residual. Backward: only gathers (no scatter-add: every slot has one assignment and every
-    assignment one slot), ReLU backward in place, and the weight gradients accumulated in place
-    across passes (ExpertGrads). Nothing of size tokens x experts x capacity is ever built.
+    Forward: gather u's rows into the expert rows (sorted by expert, no padding: ``SlotLayout``),
+    two grouped GEMMs (bias, ReLU in place, the dropouts), gather each assignment's output row,
+    and two ``addcmul`` into the residual, in choice order. Backward: gathers, ReLU backward in
+    place, the grouped GEMMs' transposes, the weight gradients accumulated in place across passes
+    (ExpertGrads), and one ``index_add`` of the expert rows' input gradients into their tokens
+    (at most K = 2 rows per token: the sum does not depend on the order). Nothing of size
+    tokens x experts x capacity is ever built.
     """
 
     @staticmethod
     def forward(ctx, res_nd, u_nd, g_Kn, w1, b1, w2, b2, grads, slots, p_act, p_out):
-        first, V, C = slots.first, slots.V, slots.C
+        first, counts, counts_V = slots.first, slots.counts, slots.counts_V
         n, d = u_nd.shape
         K = g_Kn.size(0)
         # Autocast is off in here: the experts run in the weights' dtype (compute_dtype), the
         # combine in the residual's, and the backward casts at the same two places.
         with torch.autocast(u_nd.device.type, enabled=False):
-            buf = u_nd.index_select(0, slots.src_S).to(w1.dtype).view(V, C, d)
-            h = torch.baddbmm(b1[first:].unsqueeze(1), buf, w1[first:]).relu_()
+            buf = u_nd.index_select(0, slots.src_R).to(w1.dtype)
+            h = grouped_linear(buf, w1[first:], counts, b1[first:], counts_V).relu_()
             if p_act > 0:
                 h = F.dropout(h, p=p_act, training=True, inplace=True)
-            y = torch.baddbmm(b2[first:].unsqueeze(1), h, w2[first:]).view(V * C, d)
+            y = grouped_linear(h, w2[first:], counts, b2[first:], counts_V)
             mask = None
             if p_out > 0:
                 y, mask = torch.ops.aten.native_dropout(y, p_out, True)
@@ -186,30 +180,28 @@ class _ExpertMix(torch.autograd.Function):
     def backward(ctx, grad_out):
         buf, h, y_Ad, g_Kn, w1, b1, w2, b2, mask = ctx.saved_tensors
         slots = ctx.slots
-        first, V, C = slots.first, slots.V, slots.C
+        first, counts, counts_V = slots.first, slots.counts, slots.counts_V
         K, n = g_Kn.shape
-        d = buf.size(2)
+        d = buf.size(1)
         grad_out = grad_out.contiguous()
         grad_res = grad_out if ctx.needs_input_grad[0] else None
         grad_g = None
         if ctx.needs_input_grad[2]:  # d out / d g_k = the assignment's expert output row
             grad_g = torch.linalg.vecdot(y_Ad.view(K, n, d), grad_out.unsqueeze(0)).to(g_Kn.dtype)
-        # d out / d y at each slot: its token's output gradient times its combine weight
-        w_S = F.pad(g_Kn.detach().reshape(-1), (0, 1)).to(grad_out.dtype).index_select(0, slots.asg_S)
-        grad_y = grad_out.index_select(0, slots.src_S).mul_(w_S.unsqueeze(1)).to(buf.dtype)
+        # d out / d y at each expert row: its token's output gradient times its combine weight
+        w_R = g_Kn.detach().reshape(-1).to(grad_out.dtype).index_select(0, slots.asg_R)
+        grad_y = grad_out.index_select(0, slots.src_R).mul_(w_R.unsqueeze(1)).to(buf.dtype)
         if mask is not None:
             grad_y = torch.ops.aten.native_dropout_backward(grad_y, mask, 1.0 / (1.0 - ctx.p_out))
-        grad_y = grad_y.view(V, C, d)
-        grad_h = torch.bmm(grad_y, w2[first:].transpose(1, 2))
+        grad_h = grouped_linear_t(grad_y, w2[first:], counts, counts_V)
         # ReLU (and activation dropout) backward in place: h > 0 exactly where both passed
         torch.ops.aten.threshold_backward.grad_input(grad_h, h, 0, grad_input=grad_h)
         if ctx.p_act > 0:
             grad_h.mul_(1.0 / (1.0 - ctx.p_act))
         if any(ctx.needs_input_grad[3:7]):  # into ExpertGrads, handed over by _WeightsEntry
-            ctx.grads.add(first, buf, h, grad_h, grad_y, (w1, b1, w2, b2))
+            ctx.grads.add(slots, buf, h, grad_h, grad_y, (w1, b1, w2, b2))
         grad_u = None
         if ctx.needs_input_grad[1]:
-            grad_buf = torch.bmm(grad_h, w1[first:].transpose(1, 2)).view(V * C, d)
-            G = grad_buf.index_select(0, slots.slot_A)
-            grad_u = (G[:n] if K == 1 else torch.add(G[:n], G[n:])).to(ctx.u_dtype)
+            grad_buf = grouped_linear_t(grad_h, w1[first:], counts, counts_V)
+            grad_u = grad_buf.new_zeros(n, d).index_add_(0, slots.src_R, grad_buf).to(ctx.u_dtype)
         return grad_res, grad_u, grad_g, None, None, None, None, None, None, None, None

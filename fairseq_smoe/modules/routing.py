@@ -14,6 +14,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .host_sync import read_to_host
+
 
 def select_experts(
     logits_NV: Tensor,
@@ -89,12 +91,12 @@ def slot_positions(
     Assignments are queued per expert in increasing ``priority_A`` (unique per assignment,
     in ``[0, priority_bound)``; the bound defaults to the number of assignments). Invalid
     assignments carry the sentinel expert id ``num_bins - 1`` and queue last. One sort and one
-    bincount: no (tokens x experts x capacity) tensor, no host sync.
+    count: no (tokens x experts x capacity) tensor, no host sync.
     """
     A = expert_A.numel()
     span = A if priority_bound is None else priority_bound
     order_A = torch.argsort(expert_A * span + priority_A)
-    counts_B = torch.bincount(expert_A, minlength=num_bins)
+    counts_B = count_per_bin(expert_A, num_bins)
     starts_B = counts_B.cumsum(0) - counts_B
     pos_sorted_A = torch.arange(A, device=expert_A.device) - starts_B[expert_A[order_A]]
     pos_A = torch.empty_like(pos_sorted_A).scatter_(0, order_A, pos_sorted_A)
@@ -136,21 +138,6 @@ def count_per_bin(ids: Tensor, num_bins: int) -> Tensor:
     )
 
 
-_host_reads = [0]
-
-
-def read_to_host(t: Tensor) -> List[int]:
-    """The device-to-host read of a pass: every count the host needs, in one transfer.
-    ``host_reads()`` tells how many happened, so a test can hold the block to one per pass."""
-    _host_reads[0] += 1
-    return t.tolist()
-
-
-def host_reads() -> int:
-    """Number of ``read_to_host`` calls in this process so far."""
-    return _host_reads[0]
-
-
 def expert_output_mask(g_Kn: Tensor, p: float, training: bool) -> Tensor:
     """EoM (spec §1.6.7): in training, zero each token-expert assignment's combine weight with
     probability ``p`` (no rescaling); at evaluation scale every weight by (1 - p)."""
@@ -166,13 +153,17 @@ def expert_output_mask(g_Kn: Tensor, p: float, training: bool) -> Tensor:
 
 @dataclass(frozen=True)
 class CapacityRule:
-    """How many slots an expert gets in a pass (``expert_capacity``)."""
+    """How many slots an expert gets in a pass (``expert_capacity``); ``dropless``: no limit,
+    in training too."""
 
     training: bool
     capacity_factor: float = 1.0
     eval_fraction: Optional[float] = None
+    dropless: bool = False
 
     def capacity(self, num_tokens: int, num_visible: int, k: int) -> Optional[int]:
+        if self.dropless:
+            return None
         return expert_capacity(
             num_tokens, num_visible, k, training=self.training,
             capacity_factor=self.capacity_factor, eval_fraction=self.eval_fraction,
@@ -181,21 +172,28 @@ class CapacityRule:
 
 @dataclass
 class SlotLayout:
-    """Where every assignment of a pass goes in the expert buffer (all small index tensors).
+    """The expert rows of a pass: its computed assignments sorted by expert, with no padding.
 
-    The buffer has V x C slots (slot e*C + i = position i of visible expert e). ``src_S``: the
-    row each slot reads (empty slots read row 0, and get weight 0); ``slot_A``: the slot of each
-    assignment a = k*n + row (assignments that are not computed, i.e. dropped by capacity, a
-    second choice dropped by the ``random`` policy or a padding row, point at an empty slot,
-    which always exists for them and whose output gets weight 0 and whose gradient is exactly
-    0); ``asg_S``: the assignment of each slot (K*n if empty)."""
+    Visible expert e's rows are ``counts[e]`` consecutive rows, in queue order (``counts`` on
+    the host, ``counts_V`` the same on the device; R = sum). ``src_R``: the row of u each
+    expert row reads; ``asg_R``: its assignment a = k*n + row; ``slot_A``: the expert row of
+    each assignment, 0 for one that is not computed (dropped by capacity, a second choice
+    dropped by the ``random`` policy, a padding row), whose combine weight is 0."""
 
     first: int  # global id of the first visible expert
-    V: int
-    C: int
-    src_S: Tensor
+    counts: List[int]
+    counts_V: Tensor
+    src_R: Tensor
     slot_A: Tensor
-    asg_S: Tensor
+    asg_R: Tensor
+
+    @property
+    def V(self) -> int:
+        return len(self.counts)
+
+    @property
+    def R(self) -> int:
+        return self.src_R.numel()
 
 
 @dataclass
@@ -249,7 +247,7 @@ def plan_pass(
     slot and leave the block. ``stratum_of_expert``: the stratum of every global expert id on
     the logits' device (built from ``strata`` if not given). Returns None when no row is routed.
 
-    One host read (``read_to_host``): the expert loads (they size the buffer), the number of
+    One host read (``host_sync.read_to_host``): the expert loads (they size the buffer), the number of
     rows going to each later stratum (so the block gathers them without a read of its own) and
     the number of routed rows (it sets the capacity).
     """
@@ -286,7 +284,7 @@ def plan_pass(
     kept_V = [min(load, C) for load in loads]  # host ints, V of them
     kept_A = (expert_A < V) & (pos_A < C)
     g_Kn = combine_weights(gates_Kn, kept_A.view(K, n), renormalize=(K == 2))
-    slots = slot_layout(expert_A, pos_A, kept_A, kept_V, C, first, n)
+    slots = slot_layout(expert_A, pos_A, kept_A, counts_B, kept_V, C, first, n)
     return PassPlan(
         stratum=stratum, slots=slots, probs_nV=probs_nV, experts_Kn=experts_Kn,
         kept_Kn=kept_A.view(K, n), g_Kn=g_Kn, next_n=next_n, num_active=num_active,
@@ -299,19 +297,17 @@ def stratum_map(strata: Sequence[int]) -> Tensor:
     return torch.repeat_interleave(torch.arange(len(strata)), torch.tensor(list(strata)))
 
 
-def slot_layout(expert_A: Tensor, pos_A: Tensor, kept_A: Tensor, kept_V: List[int], C: int,
-                first: int, n: int) -> SlotLayout:
-    """Expert e's kept assignments fill positions 0..kept_V[e]-1 of its slots. Assignments that
-    are not computed point at an empty slot (their weight is 0); when every slot is full
-    (possible with top-1 capacity or an eval capacity fraction), one spare slot per expert
-    provides it."""
-    A, V = expert_A.numel(), len(kept_V)
-    kept = sum(kept_V)
-    C_buf = C + 1 if (kept < A and kept == V * C) else C
-    empty = next((e * C_buf + kept_V[e] for e in range(V) if kept_V[e] < C_buf), 0)
-    S = V * C_buf
-    slot_A = torch.where(kept_A, expert_A * C_buf + pos_A, empty)
-    asg_S = torch.full((S + 1,), A, dtype=torch.long, device=expert_A.device)
-    asg_S = asg_S.scatter_(0, torch.where(kept_A, slot_A, S), torch.arange(A, device=expert_A.device))[:S]
-    src_S = asg_S % n  # the row each slot reads; empty slots read row 0 (A % n == 0)
-    return SlotLayout(first=first, V=V, C=C_buf, src_S=src_S, slot_A=slot_A, asg_S=asg_S)
+def slot_layout(expert_A: Tensor, pos_A: Tensor, kept_A: Tensor, counts_B: Tensor, kept_V: List[int],
+                C: int, first: int, n: int) -> SlotLayout:
+    """Expert e's kept assignments (queue positions 0..kept_V[e]-1) become rows
+    ``start_e .. start_e + kept_V[e] - 1``, start_e the kept rows of the experts before it."""
+    A, V, R = expert_A.numel(), len(kept_V), sum(kept_V)
+    dev = expert_A.device
+    counts_V = counts_B[:V].clamp(max=C)  # == kept_V, on the device
+    start_V = counts_V.cumsum(0) - counts_V
+    row_A = start_V[expert_A.clamp(max=V - 1)] + pos_A
+    slot_A = torch.where(kept_A, row_A, 0)
+    asg_R = torch.empty(R + 1, dtype=torch.long, device=dev)
+    asg_R = asg_R.scatter_(0, torch.where(kept_A, row_A, R), torch.arange(A, device=dev))[:R]
+    return SlotLayout(first=first, counts=kept_V, counts_V=counts_V, src_R=asg_R % n,
+                      slot_A=slot_A, asg_R=asg_R)

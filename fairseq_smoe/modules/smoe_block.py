@@ -67,7 +67,7 @@ class SMoEBlock(nn.Module):
         cfg = self.cfg
         return CapacityRule(
             training=self.training, capacity_factor=cfg.capacity_factor,
-            eval_fraction=cfg.eval_capacity_token_fraction,
+            eval_fraction=cfg.eval_capacity_token_fraction, dropless=cfg.dropless,
         )
 
     def forward(
