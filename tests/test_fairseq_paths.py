@@ -217,7 +217,7 @@ def test_without_an_open_record_nothing_is_kept(dict_dir):
     model.eval()
     s = sample(task)["net_input"]
     with torch.no_grad():
-        enc = model.encoder(s["src_tokens"], src_lengths=s["src_lengths"])  # no record: dropped
+        model.encoder(s["src_tokens"], src_lengths=s["src_lengths"])  # no record: nothing kept
         _, extra = model(**s)
     assert len(extra["routing"]) == 2  # only this forward's two slots
     for m in model.modules():

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .grouped import grouped_linear, grouped_linear_t, grouped_weight_grad
+from .precision import autocast_off
 from .routing import SlotLayout
 
 
@@ -47,10 +48,12 @@ class StackedExperts(nn.Module):
     def weights(self, dtype: Optional[torch.dtype] = None) -> "PassWeights":
         """The weights as seen by the passes of one block forward (see ExpertGrads), in
         ``dtype`` (default: their own), cast once per forward rather than once per pass."""
-        grads = ExpertGrads()
         params = (self.w1, self.b1, self.w2, self.b2)
         if dtype is not None:
             params = tuple(p.to(dtype) for p in params)
+        if not torch.is_grad_enabled():  # no backward: no gradient bookkeeping either
+            return PassWeights(None, *params)
+        grads = ExpertGrads()
         return PassWeights(grads, *_WeightsEntry.apply(grads, *params))
 
     def mix(self, res_nd: Tensor, u_nd: Tensor, g_Kn: Tensor, weights: "PassWeights",
@@ -60,6 +63,8 @@ class StackedExperts(nn.Module):
         weights' dtype; the combine and the result are in ``res``'s dtype."""
         p_act = self.activation_dropout if self.training else 0.0
         p_out = dropout if self.training else 0.0
+        if weights.grads is None:  # no autograd (evaluation, generation): the forward alone
+            return expert_mix(res_nd, u_nd, g_Kn, weights, slots, p_act, p_out)[0]
         return _ExpertMix.apply(
             res_nd, u_nd, g_Kn, weights.w1, weights.b1, weights.w2, weights.b2,
             weights.grads, slots, p_act, p_out,
@@ -67,15 +72,6 @@ class StackedExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, embed_dim={self.embed_dim}, ffn_dim={self.ffn_dim}"
-
-
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype the experts compute in: autocast's for ``x``'s device when autocast is on
-    (``--amp``, ``torch.autocast``), else ``x``'s own (``--fp16``/``--bf16`` models are cast)."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return x.dtype
 
 
 @dataclass
@@ -138,6 +134,32 @@ class _WeightsEntry(torch.autograd.Function):
         return (None, *ctx.grads.take())
 
 
+def expert_mix(res_nd, u_nd, g_Kn, weights: PassWeights, slots: SlotLayout, p_act: float, p_out: float):
+    """The forward of ``_ExpertMix``: (out, and what its backward needs: the expert input
+    rows, the hidden rows, each assignment's output row, the output dropout mask)."""
+    first, counts, counts_V = slots.first, slots.counts, slots.counts_V
+    w1, b1, w2, b2 = weights.w1, weights.b1, weights.w2, weights.b2
+    n = u_nd.size(0)
+    K = g_Kn.size(0)
+    # Autocast is off in here: the experts run in the weights' dtype (compute_dtype), the
+    # combine in the residual's, and the backward casts at the same two places.
+    with autocast_off(u_nd):
+        buf = u_nd.index_select(0, slots.src_R).to(w1.dtype)
+        h = grouped_linear(buf, w1[first:], counts, b1[first:], counts_V).relu_()
+        if p_act > 0:
+            h = F.dropout(h, p=p_act, training=True, inplace=True)
+        y = grouped_linear(h, w2[first:], counts, b2[first:], counts_V)
+        mask = None
+        if p_out > 0:
+            y, mask = torch.ops.aten.native_dropout(y, p_out, True)
+        y_Ad = y.index_select(0, slots.slot_A).to(res_nd.dtype)
+        g = g_Kn.to(res_nd.dtype).unsqueeze(2)
+        out = torch.addcmul(res_nd, y_Ad[:n], g[0])
+        if K == 2:
+            out.addcmul_(y_Ad[n:], g[1])
+    return out, buf, h, y_Ad, mask
+
+
 class _ExpertMix(torch.autograd.Function):
     """out = res + sum_k g_k * FFN_{e_k}(u), the expert part of one pass, fused.
 
@@ -152,25 +174,8 @@ class _ExpertMix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, res_nd, u_nd, g_Kn, w1, b1, w2, b2, grads, slots, p_act, p_out):
-        first, counts, counts_V = slots.first, slots.counts, slots.counts_V
-        n, d = u_nd.shape
-        K = g_Kn.size(0)
-        # Autocast is off in here: the experts run in the weights' dtype (compute_dtype), the
-        # combine in the residual's, and the backward casts at the same two places.
-        with torch.autocast(u_nd.device.type, enabled=False):
-            buf = u_nd.index_select(0, slots.src_R).to(w1.dtype)
-            h = grouped_linear(buf, w1[first:], counts, b1[first:], counts_V).relu_()
-            if p_act > 0:
-                h = F.dropout(h, p=p_act, training=True, inplace=True)
-            y = grouped_linear(h, w2[first:], counts, b2[first:], counts_V)
-            mask = None
-            if p_out > 0:
-                y, mask = torch.ops.aten.native_dropout(y, p_out, True)
-            y_Ad = y.index_select(0, slots.slot_A).to(res_nd.dtype)
-            g = g_Kn.to(res_nd.dtype).unsqueeze(2)
-            out = torch.addcmul(res_nd, y_Ad[:n], g[0])
-            if K == 2:
-                out.addcmul_(y_Ad[n:], g[1])
+        weights = PassWeights(grads, w1, b1, w2, b2)
+        out, buf, h, y_Ad, mask = expert_mix(res_nd, u_nd, g_Kn, weights, slots, p_act, p_out)
         ctx.save_for_backward(buf, h, y_Ad, g_Kn, w1, b1, w2, b2, mask)
         ctx.slots, ctx.grads, ctx.p_act, ctx.p_out = slots, grads, p_act, p_out
         ctx.u_dtype = u_nd.dtype

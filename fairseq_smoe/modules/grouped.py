@@ -48,12 +48,12 @@ def backend_for(x: Tensor, w: Optional[Tensor] = None) -> str:
     return "loop"
 
 
-def _spans(counts: List[int]):
-    start = 0
+def _groups(counts: List[int], *tensors: Tensor):
+    """(e, each tensor's rows of expert e) for the experts with rows; one split per tensor."""
+    parts = [t.split(counts) for t in tensors]
     for e, c in enumerate(counts):
         if c:
-            yield e, start, start + c
-        start += c
+            yield (e, *(p[e] for p in parts))
 
 
 def group_offsets(counts_V: Tensor) -> Tensor:
@@ -72,11 +72,13 @@ def grouped_linear(x_Rk: Tensor, w_Vkm: Tensor, counts: List[int], bias_Vm: Opti
             out += torch.repeat_interleave(bias_Vm, counts_V, dim=0, output_size=R)
         return out
     out = x_Rk.new_empty(R, m)
-    for e, a, b in _spans(counts):
-        if bias_Vm is None:
-            torch.mm(x_Rk[a:b], w_Vkm[e], out=out[a:b])
+    w = w_Vkm.unbind(0)
+    bias = bias_Vm.unbind(0) if bias_Vm is not None else None
+    for e, x_e, out_e in _groups(counts, x_Rk, out):
+        if bias is None:
+            torch.mm(x_e, w[e], out=out_e)
         else:
-            torch.addmm(bias_Vm[e], x_Rk[a:b], w_Vkm[e], out=out[a:b])
+            torch.addmm(bias[e], x_e, w[e], out=out_e)
     return out
 
 
@@ -87,8 +89,9 @@ def grouped_linear_t(x_Rm: Tensor, w_Vkm: Tensor, counts: List[int],
     if backend_for(x_Rm, w_Vkm) == "grouped":
         return torch._grouped_mm(x_Rm, w_Vkm.transpose(1, 2), offs=group_offsets(counts_V))
     out = x_Rm.new_empty(x_Rm.size(0), w_Vkm.size(1))
-    for e, a, b in _spans(counts):
-        torch.mm(x_Rm[a:b], w_Vkm[e].t(), out=out[a:b])
+    w = w_Vkm.unbind(0)
+    for e, x_e, out_e in _groups(counts, x_Rm, out):
+        torch.mm(x_e, w[e].t(), out=out_e)
     return out
 
 
@@ -97,7 +100,6 @@ def grouped_weight_grad(x_Rk: Tensor, g_Rm: Tensor, counts: List[int], gw_Vkm: T
     """Weight and bias gradients of ``grouped_linear``: ``gw_e = x_e^T g_e``, ``gb_e = sum g_e``,
     written into ``gw_Vkm[:fresh]`` / ``gb_Vm[:fresh]`` (experts with no gradient yet; 0 for an
     expert with no rows) and added into the rest, in place."""
-    V = gw_Vkm.size(0)
     if backend_for(x_Rk, g_Rm) == "grouped":
         offs = group_offsets(counts_V)
         gw = torch._grouped_mm(x_Rk.t(), g_Rm, offs=offs)
@@ -107,16 +109,15 @@ def grouped_weight_grad(x_Rk: Tensor, g_Rm: Tensor, counts: List[int], gw_Vkm: T
         gw_Vkm[fresh:].add_(gw[fresh:])
         gb_Vm[fresh:].add_(gb[fresh:])
         return
-    touched = [False] * V
-    for e, a, b in _spans(counts):
-        touched[e] = True
+    gw, gb = gw_Vkm.unbind(0), gb_Vm.unbind(0)
+    for e, x_e, g_e in _groups(counts, x_Rk, g_Rm):
         if e < fresh:
-            torch.mm(x_Rk[a:b].t(), g_Rm[a:b], out=gw_Vkm[e])
-            torch.sum(g_Rm[a:b], 0, out=gb_Vm[e])
+            torch.mm(x_e.t(), g_e, out=gw[e])
+            torch.sum(g_e, 0, out=gb[e])
         else:
-            gw_Vkm[e].addmm_(x_Rk[a:b].t(), g_Rm[a:b])
-            gb_Vm[e].add_(g_Rm[a:b].sum(0))
+            gw[e].addmm_(x_e.t(), g_e)
+            gb[e].add_(g_e.sum(0))
     for e in range(fresh):
-        if not touched[e]:
-            gw_Vkm[e].zero_()
-            gb_Vm[e].zero_()
+        if counts[e] == 0:
+            gw[e].zero_()
+            gb[e].zero_()

@@ -9,7 +9,6 @@ watches for the operators that read back on CUDA), so a test can hold the block 
 
 from typing import List
 
-import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 

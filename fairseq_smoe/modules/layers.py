@@ -61,17 +61,20 @@ class _SMoELayerMixin:
         return nn.Identity()
 
     def _run(self, layer_forward, *args, **kwargs):
-        """``layer_forward(trace, *args, **kwargs) -> (outputs, SlotStats)``, checkpointed if
-        asked; the statistics go to the open record."""
+        """``layer_forward(record, *args, **kwargs) -> (outputs, SlotStats)``, checkpointed if
+        asked; the statistics go to the open record (none open: they are not even computed)."""
         record = current_record()
-        trace = record is not None and record.detail
         if self.checkpoint_activations and torch.is_grad_enabled():
-            out, stats = checkpoint(layer_forward, trace, *args, use_reentrant=False, **kwargs)
+            out, stats = checkpoint(layer_forward, record, *args, use_reentrant=False, **kwargs)
         else:
-            out, stats = layer_forward(trace, *args, **kwargs)
+            out, stats = layer_forward(record, *args, **kwargs)
         if record is not None:
             record.add(self.side, self.layer_index, SlotStats.of(stats))
         return out
+
+    def _slot(self, record, x, padding_mask):
+        detail = record is not None and record.detail
+        return self.moe(x, padding_mask, detail, record is not None)
 
 
 class SMoEEncoderLayer(_SMoELayerMixin, TransformerEncoderLayerBase):
@@ -82,12 +85,12 @@ class SMoEEncoderLayer(_SMoELayerMixin, TransformerEncoderLayerBase):
         super().__init__(cfg, return_fc=return_fc)
         self._init_moe(smoe_cfg, layer_index, checkpoint_activations)
 
-    def _layer(self, trace, x, encoder_padding_mask, attn_mask=None):
+    def _layer(self, record, x, encoder_padding_mask, attn_mask=None):
         out = TransformerEncoderLayerBase.forward(self, x, encoder_padding_mask, attn_mask)
         if isinstance(out, tuple):  # return_fc
-            y, stats = self.moe(out[0], encoder_padding_mask, trace)
+            y, stats = self._slot(record, out[0], encoder_padding_mask)
             return (y, out[1]), stats
-        return self.moe(out, encoder_padding_mask, trace)
+        return self._slot(record, out, encoder_padding_mask)
 
     def forward(self, x, encoder_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor] = None):
         return self._run(self._layer, x, encoder_padding_mask, attn_mask)
@@ -101,11 +104,11 @@ class SMoEDecoderLayer(_SMoELayerMixin, TransformerDecoderLayerBase):
         super().__init__(cfg, no_encoder_attn=no_encoder_attn, add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn)
         self._init_moe(smoe_cfg, layer_index, checkpoint_activations)
 
-    def _layer(self, trace, x, *args, self_attn_padding_mask=None, **kwargs):
+    def _layer(self, record, x, *args, self_attn_padding_mask=None, **kwargs):
         x, attn, state = TransformerDecoderLayerBase.forward(
             self, x, *args, self_attn_padding_mask=self_attn_padding_mask, **kwargs
         )
-        y, stats = self.moe(x, self_attn_padding_mask, trace)
+        y, stats = self._slot(record, x, self_attn_padding_mask)
         return (y, attn, state), stats
 
     def forward(self, x, *args, **kwargs):

@@ -83,24 +83,30 @@ def expert_capacity(
     return max(1, int(capacity_factor * per_expert))
 
 
-def slot_positions(
+def queue_order(
     expert_A: Tensor, priority_A: Tensor, num_bins: int, priority_bound: Optional[int] = None
-) -> Tuple[Tensor, Tensor]:
-    """Position of each assignment in its expert's queue, and the queue lengths.
-
-    Assignments are queued per expert in increasing ``priority_A`` (unique per assignment,
-    in ``[0, priority_bound)``; the bound defaults to the number of assignments). Invalid
-    assignments carry the sentinel expert id ``num_bins - 1`` and queue last. One sort and one
-    count: no (tokens x experts x capacity) tensor, no host sync.
-    """
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The assignments queued expert by expert, each expert's queue in increasing
+    ``priority_A`` (unique per assignment, in ``[0, priority_bound)``; the bound defaults to the
+    number of assignments). Invalid assignments carry the sentinel expert id ``num_bins - 1``
+    and queue last. Returns ``order_A`` (the assignments in queue order), ``rank_A`` (each
+    assignment's place in that order: its inverse) and ``counts_B`` (queue lengths). One sort
+    and one count: no (tokens x experts x capacity) tensor, no host sync."""
     A = expert_A.numel()
     span = A if priority_bound is None else priority_bound
     order_A = torch.argsort(expert_A * span + priority_A)
-    counts_B = count_per_bin(expert_A, num_bins)
+    rank_A = torch.empty_like(order_A).scatter_(0, order_A, torch.arange(A, device=expert_A.device))
+    return order_A, rank_A, count_per_bin(expert_A, num_bins)
+
+
+def slot_positions(
+    expert_A: Tensor, priority_A: Tensor, num_bins: int, priority_bound: Optional[int] = None
+) -> Tuple[Tensor, Tensor]:
+    """Position of each assignment in its expert's queue (see ``queue_order``), and the queue
+    lengths."""
+    _, rank_A, counts_B = queue_order(expert_A, priority_A, num_bins, priority_bound)
     starts_B = counts_B.cumsum(0) - counts_B
-    pos_sorted_A = torch.arange(A, device=expert_A.device) - starts_B[expert_A[order_A]]
-    pos_A = torch.empty_like(pos_sorted_A).scatter_(0, order_A, pos_sorted_A)
-    return pos_A, counts_B
+    return rank_A - starts_B[expert_A], counts_B
 
 
 def combine_weights(gates_KN: Tensor, kept_KN: Tensor, renormalize: bool) -> Tensor:
@@ -258,11 +264,10 @@ def plan_pass(
     bound = n if priority_bound is None else priority_bound
     probs_nV, experts_Kn, gates_Kn, keep_Kn = select_experts(logits_nV, k, policy, noisy)
     K = experts_Kn.size(0)
-    A = K * n
     valid_Kn = keep_Kn if valid_n is None else keep_Kn & valid_n.unsqueeze(0)
     expert_A = torch.where(valid_Kn, experts_Kn, V).reshape(-1)  # V = not routed
     prio_A = (torch.arange(K, device=dev).unsqueeze(1) * bound + prio_n).reshape(-1)
-    pos_A, counts_B = slot_positions(expert_A, prio_A, V + 1, priority_bound=K * bound)
+    order_A, rank_A, counts_B = queue_order(expert_A, prio_A, V + 1, priority_bound=K * bound)
 
     # The next stratum follows the top-1 expert, chosen before any capacity dropping.
     if stratum_of_expert is None:
@@ -282,13 +287,21 @@ def plan_pass(
     cap = rule.capacity(num_active, V, K)
     C = max(loads) if cap is None else min(cap, max(loads))
     kept_V = [min(load, C) for load in loads]  # host ints, V of them
-    kept_A = (expert_A < V) & (pos_A < C)
+    R = sum(kept_V)
+    asg_R = None
+    if R == sum(loads):  # nothing dropped: the rows are the queue order itself
+        counts_V, kept_A, row_A, asg_R = counts_B[:V], expert_A < V, rank_A, order_A[:R]
+    else:  # expert e keeps the first kept_V[e] of its queue; its rows follow the experts' before
+        counts_V = counts_B[:V].clamp(max=C)  # == kept_V, on the device
+        pos_A = rank_A - (counts_B.cumsum(0) - counts_B)[expert_A]
+        kept_A = (expert_A < V) & (pos_A < C)
+        row_A = (counts_V.cumsum(0) - counts_V)[expert_A.clamp(max=V - 1)] + pos_A
     g_Kn = combine_weights(gates_Kn, kept_A.view(K, n), renormalize=(K == 2))
-    slots = slot_layout(expert_A, pos_A, kept_A, counts_B, kept_V, C, first, n)
+    slots = slot_layout(row_A, kept_A, kept_V, counts_V, first, n, asg_R)
     return PassPlan(
         stratum=stratum, slots=slots, probs_nV=probs_nV, experts_Kn=experts_Kn,
         kept_Kn=kept_A.view(K, n), g_Kn=g_Kn, next_n=next_n, num_active=num_active,
-        loads=loads, next_counts=next_counts, assigned=sum(loads), kept=sum(kept_V),
+        loads=loads, next_counts=next_counts, assigned=sum(loads), kept=R,
     )
 
 
@@ -297,17 +310,15 @@ def stratum_map(strata: Sequence[int]) -> Tensor:
     return torch.repeat_interleave(torch.arange(len(strata)), torch.tensor(list(strata)))
 
 
-def slot_layout(expert_A: Tensor, pos_A: Tensor, kept_A: Tensor, counts_B: Tensor, kept_V: List[int],
-                C: int, first: int, n: int) -> SlotLayout:
-    """Expert e's kept assignments (queue positions 0..kept_V[e]-1) become rows
-    ``start_e .. start_e + kept_V[e] - 1``, start_e the kept rows of the experts before it."""
-    A, V, R = expert_A.numel(), len(kept_V), sum(kept_V)
-    dev = expert_A.device
-    counts_V = counts_B[:V].clamp(max=C)  # == kept_V, on the device
-    start_V = counts_V.cumsum(0) - counts_V
-    row_A = start_V[expert_A.clamp(max=V - 1)] + pos_A
+def slot_layout(row_A: Tensor, kept_A: Tensor, kept_V: List[int], counts_V: Tensor, first: int,
+                n: int, asg_R: Optional[Tensor] = None) -> SlotLayout:
+    """The expert rows from each kept assignment's row ``row_A`` (rows sorted by expert, in
+    queue order); assignments that are not computed read row 0 with weight 0. ``asg_R``, the
+    assignment of each row, is derived unless given."""
+    A, R = row_A.numel(), sum(kept_V)
     slot_A = torch.where(kept_A, row_A, 0)
-    asg_R = torch.empty(R + 1, dtype=torch.long, device=dev)
-    asg_R = asg_R.scatter_(0, torch.where(kept_A, row_A, R), torch.arange(A, device=dev))[:R]
+    if asg_R is None:
+        asg_R = torch.empty(R + 1, dtype=torch.long, device=row_A.device)
+        asg_R = asg_R.scatter_(0, torch.where(kept_A, row_A, R), torch.arange(A, device=row_A.device))[:R]
     return SlotLayout(first=first, counts=kept_V, counts_V=counts_V, src_R=asg_R % n,
                       slot_A=slot_A, asg_R=asg_R)

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import SMoEConfig
-from .experts import StackedExperts, compute_dtype
+from .experts import StackedExperts
+from .precision import autocast_off, compute_dtype
 from .routing import CapacityRule, balance_loss, expert_output_mask, plan_pass, stratum_map
 from .stats import BlockStats, PassTrace
 
@@ -60,7 +61,7 @@ class SMoEBlock(nn.Module):
 
     def router_logits(self, stratum: int, u_nd: Tensor) -> Tensor:
         """Router logits in fp32 always (also under --fp16/--bf16 and autocast)."""
-        with torch.autocast(u_nd.device.type, enabled=False):
+        with autocast_off(u_nd):
             return F.linear(u_nd.float(), self.routers[stratum].weight.float())
 
     def capacity_rule(self) -> CapacityRule:
@@ -71,8 +72,11 @@ class SMoEBlock(nn.Module):
         )
 
     def forward(
-        self, x_TBd: Tensor, padding_mask_BT: Optional[Tensor] = None, trace: bool = False
-    ) -> Tuple[Tensor, BlockStats]:
+        self, x_TBd: Tensor, padding_mask_BT: Optional[Tensor] = None, trace: bool = False,
+        stats: bool = True,
+    ) -> Tuple[Tensor, Optional[BlockStats]]:
+        """``stats=False`` (nobody will read them, e.g. generation): no balance loss and no
+        per-token bookkeeping, and None in place of the BlockStats."""
         cfg = self.cfg
         T, B, d = x_TBd.shape
         N, L = T * B, cfg.num_strata
@@ -127,10 +131,14 @@ class SMoEBlock(nn.Module):
             out_nd = self.experts.mix(residual_nd, u_nd, g_Kn, weights, plan.slots, dropout=cfg.dropout)
             if c == 0:
                 x_Nd, state_N = out_nd, plan.next_n  # padding rows keep their input, leave
-                passes_N = passes_N + (1 if routed_N is None else routed_N.long())
             else:
                 x_Nd = x_Nd.index_copy_(0, idx_n, out_nd)  # x_Nd is pass 0's output: ours
                 state_N = state_N.index_copy(0, idx_n, plan.next_n)
+            if not stats:
+                continue
+            if c == 0:
+                passes_N = passes_N + (1 if routed_N is None else routed_N.long())
+            else:
                 passes_N.index_add_(0, idx_n, torch.ones_like(idx_n))
             aux_sum = aux_sum + balance_loss(
                 plan.probs_nV, plan.top1_n, routed_N if c == 0 else None, plan.num_active
@@ -144,6 +152,8 @@ class SMoEBlock(nn.Module):
 
         if cfg.has_exit_norm:
             x_Nd = self.strata_norms[-1](x_Nd)
+        if not stats:
+            return x_Nd.view(T, B, d), None
         stats = BlockStats(
             aux_loss=aux_sum / max(num_passes, 1),
             passes_TB=passes_N.view(T, B),

@@ -32,13 +32,13 @@ def bare_block(cfg: SMoEConfig) -> SMoEBlock:
 
 
 def routed_mixture(block: SMoEBlock, z_TBd: Tensor, padding_mask_BT: Optional[Tensor],
-                   trace: bool = False) -> Tuple[Tensor, BlockStats]:
+                   trace: bool = False, stats: bool = True) -> Tuple[Tensor, Optional[BlockStats]]:
     """M(z) of a bare one-stratum block: its output minus the residual it adds (0 at
     positions that are not routed), and the block's statistics. SMoEBlock always adds its
     residual; if it ever grows an option to return only the mixture, this is the one place to
     use it."""
-    out, stats = block(z_TBd, padding_mask_BT, trace)
-    return out - z_TBd, stats
+    out, block_stats = block(z_TBd, padding_mask_BT, trace, stats)
+    return out - z_TBd, block_stats
 
 
 class StackedMoE(nn.Module):
@@ -56,13 +56,13 @@ class StackedMoE(nn.Module):
         self.blocks = nn.ModuleList([bare_block(layer_cfg) for _ in range(cfg.stack)])
 
     def forward(self, x_TBd: Tensor, padding_mask_BT: Optional[Tensor] = None,
-                trace: bool = False) -> Tuple[Tensor, SlotStats]:
+                trace: bool = False, stats: bool = True) -> Tuple[Tensor, Optional[SlotStats]]:
         z = self.ffn_norm(x_TBd)
         blocks = []
         for block in self.blocks:
-            z, stats = routed_mixture(block, z, padding_mask_BT, trace)
-            blocks.append(stats)
-        return x_TBd + z, SlotStats(blocks)
+            z, block_stats = routed_mixture(block, z, padding_mask_BT, trace, stats)
+            blocks.append(block_stats)
+        return x_TBd + z, (SlotStats(blocks) if stats else None)
 
     def extra_repr(self) -> str:
         return f"stack={self.cfg.stack}, experts_per_layer={self.cfg.num_experts // self.cfg.stack}"

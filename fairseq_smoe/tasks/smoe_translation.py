@@ -3,7 +3,6 @@ MoE user needs: per-direction validation loss and strata passes, clear errors fo
 data or language tokens, and no silently dropped last batch."""
 
 import os
-from collections import OrderedDict
 
 import numpy as np
 import torch
