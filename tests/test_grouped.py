@@ -13,9 +13,11 @@ from fairseq_smoe.modules.grouped import (
     grouped_linear,
     grouped_linear_t,
     grouped_weight_grad,
+    per_expert,
 )
 
 COUNTS = [3, 0, 5, 1]  # expert 1 has no rows
+CHUNKS = per_expert(COUNTS)
 
 
 def data(dtype=torch.float32):
@@ -39,12 +41,14 @@ def test_grouped_functions_equal_per_expert_gemms(backend):
     x, w, b, gy = data()
     counts_V = torch.tensor(COUNTS)
     with force_backend(backend):
-        y = grouped_linear(x, w, COUNTS, b, counts_V)
-        y_nobias = grouped_linear(x, w, COUNTS, None, counts_V)
-        gx = grouped_linear_t(gy, w, COUNTS, counts_V)
+        y = grouped_linear(x, w, CHUNKS, b, counts_V)
+        y_nobias = grouped_linear(x, w, CHUNKS, None, counts_V)
+        gx = grouped_linear_t(gy, w, CHUNKS, counts_V)
         gw, gb = torch.full_like(w, float("nan")), torch.full_like(b, float("nan"))
         gw[3], gb[3] = 1.0, 1.0  # expert 3 already has a gradient: added to
-        grouped_weight_grad(x, gy, COUNTS, gw, gb, fresh=3, counts_V=counts_V)
+        fresh = [True, True, True, False]
+        grouped_weight_grad(x, gy, CHUNKS, gw, gb, fresh, counts_V=counts_V)
+    assert fresh == [False] * 4
     torch.testing.assert_close(y, torch.cat(per_expert(lambda e, r: x[r] @ w[e] + b[e])))
     torch.testing.assert_close(y_nobias, torch.cat(per_expert(lambda e, r: x[r] @ w[e])))
     torch.testing.assert_close(gx, torch.cat(per_expert(lambda e, r: gy[r] @ w[e].t())))
@@ -58,10 +62,30 @@ def test_grouped_functions_equal_per_expert_gemms(backend):
 
 
 def test_default_backend_is_the_loop_on_cpu():
-    assert backend_for(torch.zeros(2, 2)) == "loop"
-    assert backend_for(torch.zeros(2, 2, dtype=torch.bfloat16)) == "loop"
+    counts_V = torch.tensor(COUNTS)
+    assert backend_for(torch.zeros(2, 8), None, CHUNKS, counts_V) == "loop"
+    assert backend_for(torch.zeros(2, 8, dtype=torch.bfloat16), None, CHUNKS, counts_V) == "loop"
     with force_backend("grouped"):
-        assert backend_for(torch.zeros(2, 2)) == "grouped"
+        assert backend_for(torch.zeros(2, 8), None, CHUNKS, counts_V) == "grouped"
+        # several chunks per expert (expert parallelism: one per sender) always loop
+        assert backend_for(torch.zeros(2, 8), None, [(0, 1), (1, 1), (0, 1)], None) == "loop"
+
+
+def test_several_chunks_per_expert_accumulate():
+    """As expert parallelism receives them: expert 0's rows from two senders, expert 1's between."""
+    x, w, b, gy = data()
+    chunks = [(0, 2), (1, 3), (0, 1), (1, 3)]  # 9 rows
+    y = grouped_linear(x, w, chunks, b)
+    want = torch.cat([x[0:2] @ w[0] + b[0], x[2:5] @ w[1] + b[1], x[5:6] @ w[0] + b[0], x[6:9] @ w[1] + b[1]])
+    torch.testing.assert_close(y, want)
+    gw, gb = torch.zeros_like(w), torch.zeros_like(b)
+    fresh = [True] * 4
+    grouped_weight_grad(x, gy, chunks, gw, gb, fresh)
+    rows0, rows1 = [0, 1, 5], [2, 3, 4, 6, 7, 8]
+    torch.testing.assert_close(gw[0], x[rows0].t() @ gy[rows0])
+    torch.testing.assert_close(gw[1], x[rows1].t() @ gy[rows1])
+    torch.testing.assert_close(gb[1], gy[rows1].sum(0))
+    assert fresh == [False, False, True, True]  # experts 2, 3 were not in the pass
 
 
 @pytest.mark.parametrize("training", (True, False))

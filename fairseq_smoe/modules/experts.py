@@ -1,16 +1,23 @@
 """E expert FFNs stored as stacked weights, so a stratum's visible experts are a slice, and
 the fused expert pass of the SMoE block (dispatch, expert FFNs, combine; hand-written backward).
+
+The expert pass of a stratum maps the pass's expert rows (its kept assignments sorted by
+expert, ``routing.SlotLayout``) to their FFN outputs. That map is the one seam of expert
+parallelism (``expert_parallel.py``): with it on, the rows travel to the ranks holding their
+experts and the outputs come back (``_rows_forward`` / ``_rows_backward``); everything around it
+(routing, the combine, the residual) is the same code on one process or many.
 """
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .grouped import grouped_linear, grouped_linear_t, grouped_weight_grad
+from .expert_parallel import ExpertParallel, received_chunks, split_sizes
+from .grouped import grouped_linear, grouped_linear_t, grouped_weight_grad, per_expert
 from .precision import autocast_off
 from .routing import SlotLayout
 
@@ -20,26 +27,47 @@ class StackedExperts(nn.Module):
 
     Each expert is initialised like ``nn.Linear`` (uniform in +-1/sqrt(fan_in)), i.e. like
     fairseq's dense FFN, so a 1-expert block can be loaded from / compared with a dense FFN.
+    With expert parallelism (``ep``) the module holds only this rank's experts ``[lo, hi)``
+    (parameters ``[hi - lo, ...]``, tagged ``expert`` so that fairseq's legacy_ddp does not
+    all-reduce them) and initialises them exactly as a single process would: the random stream
+    of all E experts is drawn and the local ones kept, so the model is the same at any world size.
     """
 
-    def __init__(self, num_experts: int, embed_dim: int, ffn_dim: int, activation_dropout: float = 0.0):
+    def __init__(self, num_experts: int, embed_dim: int, ffn_dim: int, activation_dropout: float = 0.0,
+                 ep: Optional[ExpertParallel] = None):
         super().__init__()
         self.num_experts, self.embed_dim, self.ffn_dim = num_experts, embed_dim, ffn_dim
-        self.w1 = nn.Parameter(torch.empty(num_experts, embed_dim, ffn_dim))
-        self.b1 = nn.Parameter(torch.empty(num_experts, ffn_dim))
-        self.w2 = nn.Parameter(torch.empty(num_experts, ffn_dim, embed_dim))
-        self.b2 = nn.Parameter(torch.empty(num_experts, embed_dim))
+        self.ep = ep
+        self.local_range = ep.layout.local_experts if ep is not None else (0, num_experts)
+        m = self.local_range[1] - self.local_range[0]
+        self.w1 = nn.Parameter(torch.empty(m, embed_dim, ffn_dim))
+        self.b1 = nn.Parameter(torch.empty(m, ffn_dim))
+        self.w2 = nn.Parameter(torch.empty(m, ffn_dim, embed_dim))
+        self.b2 = nn.Parameter(torch.empty(m, embed_dim))
+        if ep is not None:
+            for p in self.parameters():
+                p.expert = True  # fairseq's legacy_ddp skips these; see expert_parallel.py
+                p.expert_shard = (*self.local_range, num_experts)
         self.activation_dropout = activation_dropout
         self.reset_parameters()
 
     def reset_parameters(self):
+        lo, hi = self.local_range
         for w, b, fan_in in ((self.w1, self.b1, self.embed_dim), (self.w2, self.b2, self.ffn_dim)):
             bound = 1.0 / math.sqrt(fan_in)
-            nn.init.uniform_(w, -bound, bound)
-            nn.init.uniform_(b, -bound, bound)
+            for p in (w, b):
+                if self.ep is None:
+                    nn.init.uniform_(p, -bound, bound)
+                    continue
+                with torch.no_grad():  # one expert at a time: the stream of a full [E, ...] draw
+                    for e in range(self.num_experts):
+                        t = torch.empty(p.shape[1:], dtype=p.dtype).uniform_(-bound, bound)
+                        if lo <= e < hi:
+                            p[e - lo].copy_(t)
 
     def forward(self, x_VCd: Tensor, first: int = 0) -> Tensor:
-        """Run experts ``first .. E-1`` on their buffers: ``[V, C, d] -> [V, C, d]``."""
+        """Run experts ``first .. E-1`` on their buffers: ``[V, C, d] -> [V, C, d]`` (all experts
+        local; the one-hot baseline of scripts/benchmark_layer.py uses it)."""
         h = torch.baddbmm(self.b1[first:].unsqueeze(1), x_VCd, self.w1[first:])
         h = F.relu(h)
         h = F.dropout(h, p=self.activation_dropout, training=self.training)
@@ -52,9 +80,9 @@ class StackedExperts(nn.Module):
         if dtype is not None:
             params = tuple(p.to(dtype) for p in params)
         if not torch.is_grad_enabled():  # no backward: no gradient bookkeeping either
-            return PassWeights(None, *params)
-        grads = ExpertGrads()
-        return PassWeights(grads, *_WeightsEntry.apply(grads, *params))
+            return PassWeights(None, *params, ep=self.ep)
+        grads = ExpertGrads(self.ep)
+        return PassWeights(grads, *_WeightsEntry.apply(grads, *params), ep=self.ep)
 
     def mix(self, res_nd: Tensor, u_nd: Tensor, g_Kn: Tensor, weights: "PassWeights",
             slots: SlotLayout, dropout: float = 0.0) -> Tensor:
@@ -67,56 +95,66 @@ class StackedExperts(nn.Module):
             return expert_mix(res_nd, u_nd, g_Kn, weights, slots, p_act, p_out)[0]
         return _ExpertMix.apply(
             res_nd, u_nd, g_Kn, weights.w1, weights.b1, weights.w2, weights.b2,
-            weights.grads, slots, p_act, p_out,
+            weights, slots, p_act, p_out,
         )
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, embed_dim={self.embed_dim}, ffn_dim={self.ffn_dim}"
+        text = f"num_experts={self.num_experts}, embed_dim={self.embed_dim}, ffn_dim={self.ffn_dim}"
+        if self.ep is not None:
+            text += f", local_experts={self.local_range}"
+        return text
 
 
 @dataclass
 class PassWeights:
-    grads: "ExpertGrads"
+    grads: Optional["ExpertGrads"]
     w1: Tensor
     b1: Tensor
     w2: Tensor
     b2: Tensor
+    ep: Optional[ExpertParallel] = None
 
 
 class ExpertGrads:
     """Accumulates the expert weight gradients of all passes of one block forward.
 
-    Each pass uses the experts ``first..E-1`` (a suffix); letting autograd return a full-size
-    gradient per pass would allocate, zero and add ``[E, d, d_ff]`` tensors at every pass.
-    Instead each pass's backward writes (first time) or adds (later) its slice in place, with
-    the GEMM itself (``grouped.grouped_weight_grad``), and ``_WeightsEntry``, whose outputs
-    every pass consumes and whose backward therefore runs after all of theirs, hands the
-    totals to autograd.
+    Letting autograd return a full-size gradient per pass would allocate, zero and add
+    ``[E, d, d_ff]`` tensors at every pass. Instead each pass's backward writes (an expert's
+    first time) or adds (later) its experts' gradients in place, with the GEMM itself
+    (``grouped.grouped_weight_grad``), and ``_WeightsEntry``, whose outputs every pass consumes
+    and whose backward therefore runs after all of theirs, hands the totals to autograd (with
+    expert parallelism, after ``ExpertParallel.finish_expert_grads``).
     """
 
-    def __init__(self):
+    def __init__(self, ep: Optional[ExpertParallel] = None):
+        self.ep = ep
         self.tensors = None
-        self.lo = None  # rows lo..E-1 are initialised (a union of suffixes is a suffix)
+        self.fresh: List[bool] = []  # per local expert: no gradient written yet
 
-    def add(self, slots: SlotLayout, buf_Rd, h_Rf, grad_h_Rf, grad_y_Rd, like):
+    def add(self, first_local: int, chunks, buf_Rd, h_Rf, grad_h_Rf, grad_y_Rd, like):
+        """The gradients of one pass, whose chunks index local experts from ``first_local``."""
         if self.tensors is None:
             self.tensors = [torch.empty_like(p) for p in like]
-            self.lo = like[0].size(0)
-        gw1, gb1, gw2, gb2 = self.tensors
-        first = slots.first
-        fresh = max(0, self.lo - first)  # local experts 0..fresh-1 have no gradient yet
-        grouped_weight_grad(buf_Rd, grad_h_Rf, slots.counts, gw1[first:], gb1[first:], fresh, slots.counts_V)
-        grouped_weight_grad(h_Rf, grad_y_Rd, slots.counts, gw2[first:], gb2[first:], fresh, slots.counts_V)
-        self.lo = min(self.lo, first)
+            self.fresh = [True] * like[0].size(0)
+        gw1, gb1, gw2, gb2 = (t[first_local:] for t in self.tensors)
+        fresh = self.fresh[first_local:]
+        counts_V = chunks.counts_V if hasattr(chunks, "counts_V") else None
+        grouped_weight_grad(buf_Rd, grad_h_Rf, chunks, gw1, gb1, list(fresh), counts_V)
+        grouped_weight_grad(h_Rf, grad_y_Rd, chunks, gw2, gb2, fresh, counts_V)
+        self.fresh[first_local:] = fresh
 
     def take(self):
-        tensors, lo = self.tensors, self.lo
-        self.tensors = self.lo = None
+        tensors, fresh = self.tensors, self.fresh
+        self.tensors, self.fresh = None, []
         if tensors is None:
-            return [None] * 4
-        if lo > 0:
-            for t in tensors:
-                t[:lo].zero_()  # experts no pass reached
+            tensors = [None] * 4
+        else:
+            for e, untouched in enumerate(fresh):
+                if untouched:  # an expert no pass reached
+                    for t in tensors:
+                        t[e].zero_()
+        if self.ep is not None:  # every rank, in the same order: all blocks run on all ranks
+            self.ep.finish_expert_grads(tensors)
         return tensors
 
 
@@ -134,21 +172,72 @@ class _WeightsEntry(torch.autograd.Function):
         return (None, *ctx.grads.take())
 
 
+class _Chunks(list):
+    """A chunk list that also carries the device counts (one chunk per expert, single process),
+    so the grouped backend can build its offsets without a host round trip."""
+
+    def __init__(self, chunks, counts_V=None):
+        super().__init__(chunks)
+        self.counts_V = counts_V
+
+
+def _pass_experts(weights: PassWeights, slots: SlotLayout):
+    """(first local expert of the pass, its chunks, exchange plan or None) for this rank."""
+    if weights.ep is None:
+        return slots.first, _Chunks(per_expert(slots.counts), slots.counts_V), None
+    layout = weights.ep.layout
+    lo, hi = layout.local_experts
+    first_local = min(max(slots.first, lo), hi) - lo
+    lo_vis = lo + first_local
+    send = split_sizes(slots.counts, slots.first, layout)
+    recv = [sum(c[e - slots.first] for e in range(lo_vis, hi)) for c in slots.peer_counts]
+    chunks = [(e - first_local, c) for e, c in received_chunks(slots.peer_counts, slots.first, layout)]
+    return first_local, _Chunks(chunks), (send, recv)
+
+
+def _rows_forward(buf_Rd, weights: PassWeights, slots: SlotLayout, p_act: float):
+    """The expert FFNs over the pass's expert rows: (y rows, what the backward needs)."""
+    first, chunks, xchg = _pass_experts(weights, slots)
+    w1, b1, w2, b2 = (w[first:] for w in (weights.w1, weights.b1, weights.w2, weights.b2))
+    x = buf_Rd if xchg is None else weights.ep.exchange(buf_Rd, *xchg)
+    h = grouped_linear(x, w1, chunks, b1, chunks.counts_V).relu_()
+    if p_act > 0:
+        h = F.dropout(h, p=p_act, training=True, inplace=True)
+    y = grouped_linear(h, w2, chunks, b2, chunks.counts_V)
+    if xchg is not None:
+        y = weights.ep.exchange(y, xchg[1], xchg[0])
+    return y, (x, h)
+
+
+def _rows_backward(grad_y_Rd, saved, weights: PassWeights, slots: SlotLayout, p_act: float, grads):
+    """Gradient of ``_rows_forward`` w.r.t. its input rows; the weights' into ``grads``."""
+    x, h = saved
+    first, chunks, xchg = _pass_experts(weights, slots)
+    w1, w2 = weights.w1[first:], weights.w2[first:]
+    if xchg is not None:
+        grad_y_Rd = weights.ep.exchange(grad_y_Rd, *xchg)
+    grad_h = grouped_linear_t(grad_y_Rd, w2, chunks, chunks.counts_V)
+    # ReLU (and activation dropout) backward in place: h > 0 exactly where both passed
+    torch.ops.aten.threshold_backward.grad_input(grad_h, h, 0, grad_input=grad_h)
+    if p_act > 0:
+        grad_h.mul_(1.0 / (1.0 - p_act))
+    if grads is not None:  # into ExpertGrads, handed over by _WeightsEntry
+        grads.add(first, chunks, x, h, grad_h, grad_y_Rd, (weights.w1, weights.b1, weights.w2, weights.b2))
+    grad_x = grouped_linear_t(grad_h, w1, chunks, chunks.counts_V)
+    if xchg is not None:
+        grad_x = weights.ep.exchange(grad_x, xchg[1], xchg[0])
+    return grad_x
+
+
 def expert_mix(res_nd, u_nd, g_Kn, weights: PassWeights, slots: SlotLayout, p_act: float, p_out: float):
-    """The forward of ``_ExpertMix``: (out, and what its backward needs: the expert input
-    rows, the hidden rows, each assignment's output row, the output dropout mask)."""
-    first, counts, counts_V = slots.first, slots.counts, slots.counts_V
-    w1, b1, w2, b2 = weights.w1, weights.b1, weights.w2, weights.b2
+    """The forward of ``_ExpertMix``: (out, and what its backward needs)."""
     n = u_nd.size(0)
     K = g_Kn.size(0)
     # Autocast is off in here: the experts run in the weights' dtype (compute_dtype), the
     # combine in the residual's, and the backward casts at the same two places.
     with autocast_off(u_nd):
-        buf = u_nd.index_select(0, slots.src_R).to(w1.dtype)
-        h = grouped_linear(buf, w1[first:], counts, b1[first:], counts_V).relu_()
-        if p_act > 0:
-            h = F.dropout(h, p=p_act, training=True, inplace=True)
-        y = grouped_linear(h, w2[first:], counts, b2[first:], counts_V)
+        buf = u_nd.index_select(0, slots.src_R).to(weights.w1.dtype)
+        y, saved = _rows_forward(buf, weights, slots, p_act)
         mask = None
         if p_out > 0:
             y, mask = torch.ops.aten.native_dropout(y, p_out, True)
@@ -157,37 +246,37 @@ def expert_mix(res_nd, u_nd, g_Kn, weights: PassWeights, slots: SlotLayout, p_ac
         out = torch.addcmul(res_nd, y_Ad[:n], g[0])
         if K == 2:
             out.addcmul_(y_Ad[n:], g[1])
-    return out, buf, h, y_Ad, mask
+    return out, saved, y_Ad, mask
 
 
 class _ExpertMix(torch.autograd.Function):
     """out = res + sum_k g_k * FFN_{e_k}(u), the expert part of one pass, fused.
 
     Forward: gather u's rows into the expert rows (sorted by expert, no padding: ``SlotLayout``),
-    two grouped GEMMs (bias, ReLU in place, the dropouts), gather each assignment's output row,
-    and two ``addcmul`` into the residual, in choice order. Backward: gathers, ReLU backward in
-    place, the grouped GEMMs' transposes, the weight gradients accumulated in place across passes
-    (ExpertGrads), and one ``index_add`` of the expert rows' input gradients into their tokens
-    (at most K = 2 rows per token: the sum does not depend on the order). Nothing of size
-    tokens x experts x capacity is ever built.
+    the expert FFNs over them (``_rows_forward``: grouped GEMMs, bias, ReLU in place, the
+    dropouts; with expert parallelism the rows go to their experts' ranks and back), gather each
+    assignment's output row, and two ``addcmul`` into the residual, in choice order. Backward:
+    gathers, the grouped GEMMs' transposes (``_rows_backward``), the weight gradients accumulated
+    in place across passes (ExpertGrads), and one ``index_add`` of the expert rows' input
+    gradients into their tokens (at most K = 2 rows per token: the sum does not depend on the
+    order). Nothing of size tokens x experts x capacity is ever built.
     """
 
     @staticmethod
-    def forward(ctx, res_nd, u_nd, g_Kn, w1, b1, w2, b2, grads, slots, p_act, p_out):
-        weights = PassWeights(grads, w1, b1, w2, b2)
-        out, buf, h, y_Ad, mask = expert_mix(res_nd, u_nd, g_Kn, weights, slots, p_act, p_out)
-        ctx.save_for_backward(buf, h, y_Ad, g_Kn, w1, b1, w2, b2, mask)
-        ctx.slots, ctx.grads, ctx.p_act, ctx.p_out = slots, grads, p_act, p_out
+    def forward(ctx, res_nd, u_nd, g_Kn, w1, b1, w2, b2, weights, slots, p_act, p_out):
+        pass_weights = PassWeights(weights.grads, w1, b1, w2, b2, ep=weights.ep)
+        out, saved, y_Ad, mask = expert_mix(res_nd, u_nd, g_Kn, pass_weights, slots, p_act, p_out)
+        ctx.save_for_backward(*saved, y_Ad, g_Kn, w1, b1, w2, b2, mask)
+        ctx.slots, ctx.grads, ctx.ep, ctx.p_act, ctx.p_out = slots, weights.grads, weights.ep, p_act, p_out
         ctx.u_dtype = u_nd.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        buf, h, y_Ad, g_Kn, w1, b1, w2, b2, mask = ctx.saved_tensors
+        x, h, y_Ad, g_Kn, w1, b1, w2, b2, mask = ctx.saved_tensors
         slots = ctx.slots
-        first, counts, counts_V = slots.first, slots.counts, slots.counts_V
         K, n = g_Kn.shape
-        d = buf.size(1)
+        d = y_Ad.size(1)
         grad_out = grad_out.contiguous()
         grad_res = grad_out if ctx.needs_input_grad[0] else None
         grad_g = None
@@ -195,18 +284,13 @@ class _ExpertMix(torch.autograd.Function):
             grad_g = torch.linalg.vecdot(y_Ad.view(K, n, d), grad_out.unsqueeze(0)).to(g_Kn.dtype)
         # d out / d y at each expert row: its token's output gradient times its combine weight
         w_R = g_Kn.detach().reshape(-1).to(grad_out.dtype).index_select(0, slots.asg_R)
-        grad_y = grad_out.index_select(0, slots.src_R).mul_(w_R.unsqueeze(1)).to(buf.dtype)
+        grad_y = grad_out.index_select(0, slots.src_R).mul_(w_R.unsqueeze(1)).to(w1.dtype)
         if mask is not None:
             grad_y = torch.ops.aten.native_dropout_backward(grad_y, mask, 1.0 / (1.0 - ctx.p_out))
-        grad_h = grouped_linear_t(grad_y, w2[first:], counts, counts_V)
-        # ReLU (and activation dropout) backward in place: h > 0 exactly where both passed
-        torch.ops.aten.threshold_backward.grad_input(grad_h, h, 0, grad_input=grad_h)
-        if ctx.p_act > 0:
-            grad_h.mul_(1.0 / (1.0 - ctx.p_act))
-        if any(ctx.needs_input_grad[3:7]):  # into ExpertGrads, handed over by _WeightsEntry
-            ctx.grads.add(slots, buf, h, grad_h, grad_y, (w1, b1, w2, b2))
+        weights = PassWeights(ctx.grads, w1, b1, w2, b2, ep=ctx.ep)
+        grads = ctx.grads if any(ctx.needs_input_grad[3:7]) else None
+        grad_buf = _rows_backward(grad_y, (x, h), weights, slots, ctx.p_act, grads)
         grad_u = None
         if ctx.needs_input_grad[1]:
-            grad_buf = grouped_linear_t(grad_h, w1[first:], counts, counts_V)
             grad_u = grad_buf.new_zeros(n, d).index_add_(0, slots.src_R, grad_buf).to(ctx.u_dtype)
         return grad_res, grad_u, grad_g, None, None, None, None, None, None, None, None

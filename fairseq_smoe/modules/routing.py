@@ -211,7 +211,8 @@ class PassPlan:
     (combine weights, after dropping), ``next_n`` (the stratum each row goes to next, L = it
     leaves the block; from the top-1 expert, before any dropping). Host ints: ``num_active``
     (rows routed), ``loads`` (assignments per visible expert), ``next_counts`` (rows per next
-    stratum 0..L), ``assigned`` / ``kept`` (assignments made / computed)."""
+    stratum 0..L; ``group_next_counts``: summed over the expert-parallel group, which keeps
+    the strata loop in lockstep), ``assigned`` / ``kept`` (assignments made / computed)."""
 
     stratum: int
     slots: SlotLayout
@@ -223,6 +224,7 @@ class PassPlan:
     num_active: int
     loads: List[int]
     next_counts: List[int]
+    group_next_counts: List[int]
     assigned: int
     kept: int
 
@@ -244,6 +246,7 @@ def plan_pass(
     valid_n: Optional[Tensor] = None,
     priority_bound: Optional[int] = None,
     stratum_of_expert: Optional[Tensor] = None,
+    ep=None,
 ) -> Optional[PassPlan]:
     """The plan of one pass at ``stratum`` over n rows, from its router's logits.
 
@@ -251,7 +254,9 @@ def plan_pass(
     assignment a = k*n + row gets priority k*bound + prio, so every first choice queues before
     every second choice. ``valid_n``: rows that are routed (None: all); the others take no
     slot and leave the block. ``stratum_of_expert``: the stratum of every global expert id on
-    the logits' device (built from ``strata`` if not given). Returns None when no row is routed.
+    the logits' device (built from ``strata`` if not given). ``ep``: the expert-parallel setup
+    (``expert_parallel.ExpertParallel``), whose ranks exchange their counts here. Returns None
+    when no row is routed (on any rank of the exchange group).
 
     One host read (``host_sync.read_to_host``): the expert loads (they size the buffer), the number of
     rows going to each later stratum (so the block gathers them without a read of its own) and
@@ -275,18 +280,19 @@ def plan_pass(
     next_n = stratum_of_expert[experts_Kn[0] + first] + 1
     if valid_n is not None:
         next_n = torch.where(valid_n, next_n, L)
-    host = [counts_B[:V], count_per_bin(next_n, L + 1)]
-    if valid_n is not None:
-        host.append(valid_n.sum().unsqueeze(0))
-    host = read_to_host(torch.cat(host))
-    loads, next_counts = host[:V], host[V : V + L + 1]
-    num_active = host[-1] if valid_n is not None else n
-    if num_active == 0:
+    num_active_1 = valid_n.sum().unsqueeze(0) if valid_n is not None else counts_B.new_full((1,), n)
+    host = torch.cat([counts_B[:V], count_per_bin(next_n, L + 1), num_active_1])
+    peers = [read_to_host(host)] if ep is None else ep.gather_counts(host)
+    me = 0 if ep is None else ep.layout.group_rank
+    loads, next_counts, num_active = peers[me][:V], peers[me][V : V + L + 1], peers[me][-1]
+    if sum(p[-1] for p in peers) == 0:
         return None
 
-    cap = rule.capacity(num_active, V, K)
-    C = max(loads) if cap is None else min(cap, max(loads))
-    kept_V = [min(load, C) for load in loads]  # host ints, V of them
+    # every rank of the group applies each sender's own capacity (its own routed rows)
+    peer_counts = [_kept_per_expert(p[:V], rule.capacity(p[-1], V, K)) for p in peers]
+    group_next = [sum(p[V + s] for p in peers) for s in range(L + 1)]
+    kept_V = peer_counts[me]
+    C = max(kept_V, default=0)
     R = sum(kept_V)
     asg_R = None
     if R == sum(loads):  # nothing dropped: the rows are the queue order itself
@@ -298,11 +304,18 @@ def plan_pass(
         row_A = (counts_V.cumsum(0) - counts_V)[expert_A.clamp(max=V - 1)] + pos_A
     g_Kn = combine_weights(gates_Kn, kept_A.view(K, n), renormalize=(K == 2))
     slots = slot_layout(row_A, kept_A, kept_V, counts_V, first, n, asg_R)
+    slots.peer_counts = peer_counts
     return PassPlan(
         stratum=stratum, slots=slots, probs_nV=probs_nV, experts_Kn=experts_Kn,
         kept_Kn=kept_A.view(K, n), g_Kn=g_Kn, next_n=next_n, num_active=num_active,
-        loads=loads, next_counts=next_counts, assigned=sum(loads), kept=R,
+        loads=loads, next_counts=next_counts, group_next_counts=group_next,
+        assigned=sum(loads), kept=R,
     )
+
+
+def _kept_per_expert(loads: List[int], cap: Optional[int]) -> List[int]:
+    """Assignments each expert computes: its queue cut at the capacity (None: no limit)."""
+    return list(loads) if cap is None else [min(load, cap) for load in loads]
 
 
 def stratum_map(strata: Sequence[int]) -> Tensor:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import SMoEConfig
+from .expert_parallel import ExpertParallel
 from .experts import StackedExperts
 from .precision import autocast_off, compute_dtype
 from .routing import CapacityRule, balance_loss, expert_output_mask, plan_pass, stratum_map
@@ -42,7 +43,7 @@ class SMoEBlock(nn.Module):
     pre-norm and ``strata_norms[-1]`` the exit norm when there is one.
     """
 
-    def __init__(self, cfg: SMoEConfig):
+    def __init__(self, cfg: SMoEConfig, ep: Optional[ExpertParallel] = None):
         super().__init__()
         self.cfg = cfg
         d, L = cfg.embed_dim, cfg.num_strata
@@ -53,7 +54,7 @@ class SMoEBlock(nn.Module):
         self.strata_norms = nn.ModuleList(
             [nn.LayerNorm(d) for _ in range(L - 1 + int(cfg.has_exit_norm))]
         )
-        self.experts = StackedExperts(cfg.num_experts, d, cfg.ffn_dim, cfg.activation_dropout)
+        self.experts = StackedExperts(cfg.num_experts, d, cfg.ffn_dim, cfg.activation_dropout, ep=ep)
         self.register_buffer("stratum_of_expert", stratum_map(cfg.strata), persistent=False)
 
     def pre_norm(self, stratum: int) -> nn.Module:
@@ -93,7 +94,9 @@ class SMoEBlock(nn.Module):
         rule = self.capacity_rule()
         noisy = self.training or cfg.inference_noise
         weights = self.experts.weights(compute_dtype(x_TBd))
+        ep = self.experts.ep
         tokens_at = [N] + [0] * L  # rows per stratum, on the host (from each plan's counts)
+        group_at = [1] + [0] * L  # the same summed over the expert-parallel group (lockstep)
         state_N = None  # next stratum of every row (L = done), set by pass 0
         passes_N = torch.zeros(N, dtype=torch.long, device=dev)
         aux_sum = x_Nd.new_zeros((), dtype=torch.float32)
@@ -104,10 +107,12 @@ class SMoEBlock(nn.Module):
             # Pass 0 works on all N rows (padding rows are masked, not removed); pass c >= 1
             # gathers the rows at stratum c, whose count an earlier plan brought to the host,
             # so a static-size nonzero finds them without a read of its own.
+            # With expert parallelism every rank of the group takes part in a pass that any of
+            # them needs, with no rows of its own if it has none there.
             if c == 0:
                 idx_n, x_nd, prio_n = None, x_Nd, prio_N
             else:
-                if tokens_at[c] == 0:
+                if group_at[c] == 0:
                     continue  # no token at this stratum: skip it, as the official loop does
                 idx_n = torch.nonzero_static(state_N == c, size=tokens_at[c]).squeeze(1)
                 x_nd, prio_n = _GatherRows.apply(x_Nd, idx_n), prio_N[idx_n]
@@ -116,14 +121,14 @@ class SMoEBlock(nn.Module):
                 self.router_logits(c, u_nd), prio_n, stratum=c, strata=cfg.strata, rule=rule,
                 k=cfg.k, policy=cfg.second_expert_policy, noisy=noisy,
                 valid_n=routed_N if c == 0 else None, priority_bound=N,
-                stratum_of_expert=self.stratum_of_expert,
+                stratum_of_expert=self.stratum_of_expert, ep=ep,
             )
             if plan is None:
                 break  # pass 0 and every token is padding
-            num_passes += 1
             assigned, kept = assigned + plan.assigned, kept + plan.kept
             for s in range(c + 1, L):
                 tokens_at[s] += plan.next_counts[s]
+                group_at[s] += plan.group_next_counts[s]
 
             # Experts, combine and residual, fused (experts.py): out = residual + sum_k g_k y_k
             g_Kn = expert_output_mask(plan.g_Kn, cfg.eom, self.training)
@@ -134,8 +139,9 @@ class SMoEBlock(nn.Module):
             else:
                 x_Nd = x_Nd.index_copy_(0, idx_n, out_nd)  # x_Nd is pass 0's output: ours
                 state_N = state_N.index_copy(0, idx_n, plan.next_n)
-            if not stats:
-                continue
+            if not stats or plan.num_active == 0:
+                continue  # (no rows here: this rank only served the others' exchange)
+            num_passes += 1
             if c == 0:
                 passes_N = passes_N + (1 if routed_N is None else routed_N.long())
             else:
