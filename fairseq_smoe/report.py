@@ -193,7 +193,7 @@ def check_seed_runs(system, metric=None):
     what they average, not in how good the runs are."""
     if system.n < 2:
         return system
-    union = sorted({d for _, s in system.runs for d in s})
+    union = list(dict.fromkeys(d for _, s in system.runs for d in s))  # in scores.csv order
     problems = []
     for path, scores in system.runs:
         lacks = [d for d in union if d not in scores]
