@@ -410,39 +410,65 @@ class Significance:
     notes: list
 
 
-def _system_resamples(system, direction, refs, data_dir, metric_name, metric, resampler, inexact):
-    """(score, resampled scores) of a system for one direction: the mean over its runs of each
-    run's corpus score and of its b-th resampled score (every run resampled with the same lines)."""
+def _direction_scores(job):
+    """One direction's work (a process-pool job): {system: (score, resampled scores)}, and
+    whether every resampled sum was exact in float32.
+
+    ``job`` = (direction, data_dir, metric name, n_samples, seed,
+    [(system, [(RESULT_DIR, scores.csv value or None), ...]), ...]).  A system's score is the
+    mean over its runs of each run's corpus score, its b-th resampled score the mean of its
+    runs' b-th resampled scores (every run resampled with the same lines)."""
+    direction, data_dir, metric_name, n_samples, seed, systems = job
     tgt = direction.split("-")[1]
-    scores, resampled = [], []
-    for path, table in system.runs:
-        hyp_file = os.path.join(path, f"hyp.{direction}.{tgt}")
-        if not os.path.exists(hyp_file):
-            raise ReportError(f"{system.name}: {hyp_file} is missing; scripts/evaluate.sh writes it "
-                              f"(re-run it for that result directory)")
-        hyps = read_lines(hyp_file)
-        if len(hyps) != len(refs):
-            raise ReportError(
-                f"{system.name}: {hyp_file} has {len(hyps)} lines but the reference "
-                f"{data_dir}/raw/test.{direction}.{tgt} has {len(refs)}; is --data the DATA_DIR it was evaluated on?")
-        actual, res, exact = resampler.scores(metric, metric._extract_corpus_statistics(hyps, None))
-        recorded = table.get(direction, {}).get(metric_name)
-        if recorded is not None and abs(recorded - actual) > 1e-4:
-            raise ReportError(
-                f"{system.name}: {hyp_file} scores {actual:.4f} against {data_dir}/raw/test.{direction}.{tgt}, "
-                f"but its scores.csv says {recorded:.4f}; is --data the DATA_DIR it was evaluated on, and "
-                f"are the hypotheses those of that scores.csv?")
-        if not exact:
-            inexact.add(direction)
-        scores.append(actual)
-        resampled.append(res)
-    if len(scores) == 1:
-        return scores[0], resampled[0]
-    return statistics.fmean(scores), np.mean(np.stack(resampled).astype(np.float64), axis=0)
+    ref_file = os.path.join(data_dir, "raw", f"test.{direction}.{tgt}")
+    if not os.path.exists(ref_file):
+        raise ReportError(f"the reference {ref_file} does not exist; is --data the DATA_DIR the systems "
+                          f"were evaluated on (scripts/prepare_data.sh writes raw/test.SRC-TGT.TGT)?")
+    refs = read_lines(ref_file)
+    metric = sacrebleu_metric(metric_name, refs)
+    resampler = _resampler(n_samples, seed)
+    out, all_exact = {}, True
+    for name, runs in systems:
+        scores, resampled = [], []
+        for path, recorded in runs:
+            hyp_file = os.path.join(path, f"hyp.{direction}.{tgt}")
+            if not os.path.exists(hyp_file):
+                raise ReportError(f"{name}: {hyp_file} is missing; scripts/evaluate.sh writes it "
+                                  f"(re-run it for that result directory)")
+            hyps = read_lines(hyp_file)
+            if len(hyps) != len(refs):
+                raise ReportError(
+                    f"{name}: {hyp_file} has {len(hyps)} lines but the reference {ref_file} has "
+                    f"{len(refs)}; is --data the DATA_DIR it was evaluated on?")
+            actual, res, exact = resampler.scores(metric, metric._extract_corpus_statistics(hyps, None))
+            if recorded is not None and abs(recorded - actual) > 1e-4:
+                raise ReportError(
+                    f"{name}: {hyp_file} scores {actual:.4f} against {ref_file}, but its scores.csv says "
+                    f"{recorded:.4f}; is --data the DATA_DIR it was evaluated on, and are the hypotheses "
+                    f"those of that scores.csv?")
+            all_exact &= exact
+            scores.append(actual)
+            resampled.append(res)
+        if len(scores) == 1:  # exactly sacreBLEU's numbers (float32 for chrF, as it computes them)
+            out[name] = scores[0], resampled[0]
+        else:
+            out[name] = statistics.fmean(scores), np.mean(np.stack(resampled).astype(np.float64), axis=0)
+    return direction, out, all_exact
+
+
+_RESAMPLERS = {}
+
+
+def _resampler(n_samples, seed):
+    key = (n_samples, seed)
+    if key not in _RESAMPLERS:
+        _RESAMPLERS.clear()
+        _RESAMPLERS[key] = Resampler(n_samples, seed)
+    return _RESAMPLERS[key]
 
 
 def paired_bootstrap(bench, systems, baseline, metric_name, data_dir, n_samples=PAIRED_BS_N,
-                     alpha=ALPHA, directions=None, progress=False):
+                     alpha=ALPHA, directions=None, progress=False, jobs=1):
     """Paired bootstrap resampling of every system against ``baseline``, per direction and
     per column of the benchmark's table.
 
@@ -463,7 +489,8 @@ def paired_bootstrap(bench, systems, baseline, metric_name, data_dir, n_samples=
     on the same resample: the p-value then covers the resampling of test sentences, not the
     variance between training seeds (the ± std of the table shows that).
 
-    ``directions``: the directions to test (default: every direction the baseline was scored on)."""
+    ``directions``: the directions to test (default: every direction the baseline was scored on).
+    ``jobs``: worker processes, one direction at a time each (the results do not depend on it)."""
     systems = [_as_system(s) for s in systems]
     names = [s.name for s in systems]
     if baseline not in names:
@@ -484,21 +511,31 @@ def paired_bootstrap(bench, systems, baseline, metric_name, data_dir, n_samples=
         if lack:
             raise ReportError(f"{s.name} was not scored on {', '.join(lack[:6])}, which the baseline "
                               f"{baseline} was; a paired test needs both systems' hypotheses for every direction")
-    resampler, inexact = Resampler(n_samples), set()
-    results = {s.name: {} for s in others}
+    jobs_in = [(d, data_dir, metric_name, n_samples, PAIRED_BS_SEED,
+                [(s.name, [(path, table.get(d, {}).get(metric_name)) for path, table in s.runs]) for s in systems])
+               for d in directions]
+    sacrebleu_metric(metric_name, [""])  # a wrong metric name fails here, before any work
     resampled = {s.name: {} for s in systems}
-    for i, d in enumerate(directions):
-        if progress and len(directions) >= 20 and i % max(1, len(directions) // 10) == 0:
-            print(f"paired bootstrap: {i}/{len(directions)} directions", file=sys.stderr, flush=True)
-        tgt = d.split("-")[1]
-        ref_file = os.path.join(data_dir, "raw", f"test.{d}.{tgt}")
-        if not os.path.exists(ref_file):
-            raise ReportError(f"the reference {ref_file} does not exist; is --data the DATA_DIR the systems "
-                              f"were evaluated on (scripts/prepare_data.sh writes raw/test.SRC-TGT.TGT)?")
-        refs = read_lines(ref_file)
-        metric = sacrebleu_metric(metric_name, refs)
-        for s in systems:
-            resampled[s.name][d] = _system_resamples(s, d, refs, data_dir, metric_name, metric, resampler, inexact)
+    inexact = []
+    pool = None
+    if jobs > 1 and len(directions) > 1:
+        import multiprocessing
+
+        pool = multiprocessing.get_context("fork").Pool(min(jobs, len(directions)))
+    try:
+        done = pool.imap(_direction_scores, jobs_in) if pool else map(_direction_scores, jobs_in)
+        for i, (d, scores, exact) in enumerate(done):
+            if progress and len(directions) >= 20 and (i + 1) % max(1, len(directions) // 10) == 0:
+                print(f"paired bootstrap: {i + 1}/{len(directions)} directions", file=sys.stderr, flush=True)
+            for name, value in scores.items():
+                resampled[name][d] = value
+            if not exact:
+                inexact.append(d)
+    finally:
+        if pool:
+            pool.terminate()
+    results = {s.name: {} for s in others}
+    for d in directions:
         b_score, b_res = resampled[baseline][d]
         for s in others:
             score, res = resampled[s.name][d]
@@ -520,7 +557,7 @@ def paired_bootstrap(bench, systems, baseline, metric_name, data_dir, n_samples=
             columns[s.name][c] = Test(score, b_score, paired_bs_p_value(score, b_score, res, b_res), len(dirs))
     notes = []
     if inexact:
-        notes.append(f"{', '.join(sorted(inexact))}: resampled statistics reach 2**24, where sacreBLEU's float32 "
+        notes.append(f"{', '.join(inexact)}: resampled statistics reach 2**24, where sacreBLEU's float32 "
                      f"sums round; ours are exact, so p-values may differ slightly from `sacrebleu --paired-bs`")
     return Significance(baseline, metric_name, n_samples, alpha, results, columns, notes)
 
@@ -583,6 +620,8 @@ def main(argv=None):
                    "(its raw/test.SRC-TGT.TGT are the references); needed by --baseline")
     p.add_argument("--paired-bs-n", type=int, default=PAIRED_BS_N, help="bootstrap resamples (sacreBLEU's default)")
     p.add_argument("--alpha", type=float, default=ALPHA, help="significance level: p <= alpha is marked '*'")
+    p.add_argument("--jobs", type=int, default=1, help="processes for --baseline, one direction each at a time "
+                   "(sacreBLEU's per-sentence statistics are most of the time)")
     a = p.parse_args(argv)
     bench = benchmarks.get(a.bench)
     metric = a.metric or bench.metric
@@ -594,7 +633,8 @@ def main(argv=None):
         systems = [load_system(name, paths) for name, paths in group_systems(a.results, a.seeds)]
         text = comparison_table(bench, systems, metric, a.allow_partial, a.seeds)
         if a.baseline:
-            sig = paired_bootstrap(bench, systems, a.baseline, metric, a.data, a.paired_bs_n, a.alpha, progress=True)
+            sig = paired_bootstrap(bench, systems, a.baseline, metric, a.data, a.paired_bs_n, a.alpha,
+                                   progress=True, jobs=a.jobs)
             text += "\n" + significance_table(bench, sig, a.seeds)
         print(text)
     except ReportError as err:

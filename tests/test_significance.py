@@ -259,3 +259,18 @@ def test_errors_name_the_fix(data, runs, tmp_path):
         (tmp_path / "moved").rename(runs["copy"] / "hyp.nso-eng.eng")
     with pytest.raises(SystemExit, match="--data is only used with --baseline"):
         report.main(["m4", str(runs["base"]), "--data", str(data_dir)])
+
+
+def test_worker_processes_give_the_same_results(data, runs, bleu):
+    names = ["base", "better", "fix1", "fix1-aligned", "mixed", "copy"]
+    dirs = ["nso-eng", "eng-cat", "tgl-eng"]
+    parallel = report.paired_bootstrap(M4, systems(runs, *names), "base", "bleu", str(data[0]), directions=dirs, jobs=2)
+    for name in names[1:]:
+        for d in dirs:
+            assert parallel.directions[name][d] == bleu.directions[name][d]
+    (runs["copy"] / "hyp.eng-cat.cat").rename(runs["copy"] / "moved")
+    try:  # an error in a worker reaches the caller as the same ReportError
+        with pytest.raises(report.ReportError, match=r"copy: .*hyp.eng-cat.cat is missing"):
+            report.paired_bootstrap(M4, systems(runs, *names), "base", "bleu", str(data[0]), directions=dirs, jobs=2)
+    finally:
+        (runs["copy"] / "moved").rename(runs["copy"] / "hyp.eng-cat.cat")
