@@ -268,7 +268,8 @@ def comparison_table(bench, systems, metric, allow_partial=False, seeds=False):
                 f"would not compare to the paper. Evaluate every direction, or pass --allow-partial."
             )
         if missing:
-            notes.append(f"{name}: means over {len(scores)} scored directions; missing: {', '.join(missing)}")
+            more = f" ... ({len(missing) - 12} more)" if len(missing) > 12 else ""
+            notes.append(f"{name}: means over {len(scores)} scored directions; missing: {', '.join(missing[:12])}{more}")
         for path, run in system.runs:
             if all(s.get(metric) is None for s in run.values()):
                 where = f"the scores.csv of {path}" if system.n > 1 else "scores.csv"
@@ -381,7 +382,7 @@ def paired_bs_p_value(sys_score, base_score, sys_resampled, base_resampled):
 
 
 @dataclass
-class Test:
+class Comparison:
     """One paired test: a direction or a table column, a system against the baseline."""
 
     system: float  # the system's score (mean over its runs)
@@ -405,8 +406,8 @@ class Significance:
     metric: str
     n_samples: int
     alpha: float
-    directions: dict  # system -> {direction: Test}
-    columns: dict  # system -> {table column: Test}
+    directions: dict  # system -> {direction: Comparison}
+    columns: dict  # system -> {table column: Comparison}
     notes: list
 
 
@@ -539,23 +540,27 @@ def paired_bootstrap(bench, systems, baseline, metric_name, data_dir, n_samples=
         b_score, b_res = resampled[baseline][d]
         for s in others:
             score, res = resampled[s.name][d]
-            results[s.name][d] = Test(score, b_score, paired_bs_p_value(score, b_score, res, b_res))
+            results[s.name][d] = Comparison(score, b_score, paired_bs_p_value(score, b_score, res, b_res))
     columns = {s.name: {} for s in others}
     for c in bench.table_columns():
         dirs = [d for d in column_directions(bench, c) if d in resampled[baseline]]
         if not dirs:
             continue
-        if column_directions(bench, c) == [c]:  # a direction column (M4): its own test
+        if len(dirs) == 1:  # a direction column (M4), or a group with one scored direction
             for s in others:
-                columns[s.name][c] = results[s.name][c]
+                columns[s.name][c] = results[s.name][dirs[0]]
             continue
         mean_of = lambda name: (statistics.fmean(resampled[name][d][0] for d in dirs),
                                 np.mean([resampled[name][d][1].astype(np.float64) for d in dirs], axis=0))
         b_score, b_res = mean_of(baseline)
         for s in others:
             score, res = mean_of(s.name)
-            columns[s.name][c] = Test(score, b_score, paired_bs_p_value(score, b_score, res, b_res), len(dirs))
+            columns[s.name][c] = Comparison(score, b_score, paired_bs_p_value(score, b_score, res, b_res), len(dirs))
     notes = []
+    partial = [f"{c} over {t.n_directions} of {len(column_directions(bench, c))}"
+               for c, t in next(iter(columns.values())).items() if t.n_directions < len(column_directions(bench, c))]
+    if partial:
+        notes.append(f"group tests over the scored directions only: {', '.join(partial)}")
     if inexact:
         notes.append(f"{', '.join(inexact)}: resampled statistics reach 2**24, where sacreBLEU's float32 "
                      f"sums round; ours are exact, so p-values may differ slightly from `sacrebleu --paired-bs`")
@@ -579,7 +584,7 @@ def significance_table(bench, sig, seeds=False):
     directions = list(next(iter(sig.directions.values())))
     header = ["direction", sig.baseline]
     for name in sig.directions:
-        header += [name, f"Δ (p)"]
+        header += [name, "Δ (p)"]
     body = []
     for d in directions:
         row = [d, f"{next(iter(sig.directions.values()))[d].baseline:.2f}"]
@@ -630,6 +635,10 @@ def main(argv=None):
             raise ReportError("--data is only used with --baseline SYSTEM")
         if a.paired_bs_n < 1:
             raise ReportError(f"--paired-bs-n must be at least 1 (sacreBLEU's default: {PAIRED_BS_N})")
+        if not 0 < a.alpha < 1:
+            raise ReportError(f"--alpha {a.alpha} is not a significance level between 0 and 1 (default {ALPHA})")
+        if a.jobs < 1:
+            raise ReportError("--jobs must be at least 1")
         systems = [load_system(name, paths) for name, paths in group_systems(a.results, a.seeds)]
         text = comparison_table(bench, systems, metric, a.allow_partial, a.seeds)
         if a.baseline:
