@@ -15,6 +15,7 @@ from fairseq.models.transformer import (
 from ..modules.cmr import CMRBlock
 from ..modules.config import RESIDUAL_MODES, SECOND_EXPERT_POLICIES, SMoEConfig, parse_strata
 from ..modules.layers import SMoEDecoderLayer, SMoEEncoderLayer
+from ..modules.expert_parallel import DEFAULT_TIMEOUT_S, ExpertParallel, ep_layout
 from ..modules.smoe_block import SMoEBlock
 from ..modules.stats import current_record, recording
 
@@ -72,7 +73,37 @@ def check_flags(args) -> None:
             "checkpointing keeps the routing statistics' gradients; fairseq's offloading wrapper "
             "would drop them): use --checkpoint-activations alone"
         )
-    smoe_config(args, args.encoder_embed_dim, args.encoder_ffn_embed_dim)
+    cfg = smoe_config(args, args.encoder_embed_dim, args.encoder_ffn_embed_dim)
+    if getattr(args, "moe_expert_parallel", False):
+        check_expert_parallel(args, cfg)
+
+
+def check_expert_parallel(args, cfg) -> None:
+    """--moe-expert-parallel needs a world size that divides or is divided by the experts of a
+    block, and a DDP backend that leaves the expert parameters alone."""
+    import torch.distributed as dist
+
+    if args.moe_ep_timeout is None or args.moe_ep_timeout <= 0:
+        raise ValueError(f"--moe-ep-timeout must be > 0 seconds, got {args.moe_ep_timeout}")
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world == 1:
+        return  # one process: every expert is local, the flag changes nothing
+    experts = cfg.num_experts // cfg.stack
+    ep_layout(experts, world, 0)  # raises with E, W and the valid world sizes
+    ddp = getattr(args, "ddp_backend", "legacy_ddp")
+    if ddp not in ("legacy_ddp", "no_c10d"):
+        raise ValueError(
+            f"--moe-expert-parallel needs --ddp-backend legacy_ddp (got {ddp}): it must not "
+            f"all-reduce the expert parameters, which differ between ranks"
+        )
+
+
+def expert_parallel_for(cfg):
+    """``num_experts -> ExpertParallel or None`` for the blocks of this model (None for every
+    size without --moe-expert-parallel or with a single process)."""
+    if not getattr(cfg, "moe_expert_parallel", False):
+        return lambda num_experts: None
+    return lambda num_experts: ExpertParallel.for_job(num_experts, cfg.moe_ep_timeout)
 
 
 def is_moe_layer(index: int, moe_freq: int) -> bool:
@@ -95,7 +126,8 @@ class SMoETransformerEncoder(TransformerEncoderBase):
             return super().build_encoder_layer(cfg)
         smoe_cfg = smoe_config(cfg, cfg.encoder.embed_dim, cfg.encoder.ffn_embed_dim)
         layer = SMoEEncoderLayer(cfg, smoe_cfg, return_fc=self.return_fc, layer_index=index,
-                                 checkpoint_activations=cfg.checkpoint_activations)
+                                 checkpoint_activations=cfg.checkpoint_activations,
+                                 ep_for=expert_parallel_for(cfg))
         return _wrap(layer, cfg)
 
 
@@ -107,7 +139,8 @@ class SMoETransformerDecoder(TransformerDecoderBase):
             return super().build_decoder_layer(cfg, no_encoder_attn)
         smoe_cfg = smoe_config(cfg, cfg.decoder.embed_dim, cfg.decoder.ffn_embed_dim)
         layer = SMoEDecoderLayer(cfg, smoe_cfg, no_encoder_attn, layer_index=index,
-                                 checkpoint_activations=cfg.checkpoint_activations)
+                                 checkpoint_activations=cfg.checkpoint_activations,
+                                 ep_for=expert_parallel_for(cfg))
         return _wrap(layer, cfg)
 
 
@@ -156,6 +189,14 @@ class SMoETransformerModel(TransformerModel):
                             "none: one stratum (the official code's --hmoe-layer 1 --hmoe-layernorm 1 "
                             "vanilla MoE) or --smoe-residual paper; official mode with several strata "
                             "always has it (default: off, one stratum = the --hmoe-layer 0 path)")
+        parser.add_argument("--moe-expert-parallel", action="store_true",
+                            help="split each SMoE block's experts over the ranks of the job (E/W "
+                            "per rank; each expert replicated W/E times when E < W) and exchange "
+                            "tokens with all-to-all; needs --ddp-backend legacy_ddp (default: every "
+                            "rank holds every expert)")
+        parser.add_argument("--moe-ep-timeout", type=int, metavar="SECONDS",
+                            help="expert-parallel collectives fail after this long without a peer "
+                            f"(a rank that died) instead of hanging (default: {DEFAULT_TIMEOUT_S})")
         parser.add_argument("--moe-route-padding", action="store_true",
                             help="route padding tokens like real ones (official behaviour; "
                             "default: padding takes no capacity)")
@@ -272,6 +313,8 @@ def smoe_base_architecture(args):
     for flag in ("moe_top1_expert", "moe_inference_noise", "moe_route_padding", "moe_cmr", "smoe_exit_norm", "moe_dropless"):
         _default(args, flag, False)
     _default(args, "moe_stack", 1)
+    _default(args, "moe_expert_parallel", False)
+    _default(args, "moe_ep_timeout", DEFAULT_TIMEOUT_S)
     _default(args, "cmr_gate_drop", 0.0)
     _default(args, "moe_eval_capacity_token_fraction", None)
     base_architecture(args)

@@ -241,7 +241,10 @@ def expert_mix(res_nd, u_nd, g_Kn, weights: PassWeights, slots: SlotLayout, p_ac
         mask = None
         if p_out > 0:
             y, mask = torch.ops.aten.native_dropout(y, p_out, True)
-        y_Ad = y.index_select(0, slots.slot_A).to(res_nd.dtype)
+        if y.size(0) > 0:
+            y_Ad = y.index_select(0, slots.slot_A).to(res_nd.dtype)
+        else:  # no row computed here (every row padding: a rank serving only the others)
+            y_Ad = res_nd.new_zeros(slots.slot_A.numel(), res_nd.size(1))
         g = g_Kn.to(res_nd.dtype).unsqueeze(2)
         out = torch.addcmul(res_nd, y_Ad[:n], g[0])
         if K == 2:

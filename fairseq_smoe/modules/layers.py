@@ -30,9 +30,11 @@ from .stacked import StackedMoE
 from .stats import SlotStats, current_record
 
 
-def build_moe_slot(cfg: SMoEConfig) -> nn.Module:
-    """The FFN slot module for ``cfg``: ``x_TBd, padding_mask_BT, trace -> (x_TBd, stats)``."""
-    moe = StackedMoE(cfg) if cfg.stack > 1 else SMoEBlock(cfg)
+def build_moe_slot(cfg: SMoEConfig, ep_for=None) -> nn.Module:
+    """The FFN slot module for ``cfg``: ``x_TBd, padding_mask_BT, trace -> (x_TBd, stats)``.
+    ``ep_for(num_experts)``: the expert-parallel setup for blocks of that many experts, or None."""
+    ep_for = ep_for or (lambda num_experts: None)
+    moe = StackedMoE(cfg, ep_for) if cfg.stack > 1 else SMoEBlock(cfg, ep_for(cfg.num_experts))
     return CMRBlock(cfg, moe) if cfg.cmr else moe
 
 
@@ -48,9 +50,9 @@ class _SMoELayerMixin:
 
     side = ""
 
-    def _init_moe(self, smoe_cfg: SMoEConfig, layer_index: int, checkpoint_activations: bool):
+    def _init_moe(self, smoe_cfg: SMoEConfig, layer_index: int, checkpoint_activations: bool, ep_for):
         self.final_layer_norm = nn.Identity()  # the SMoE slot owns the FFN LayerNorm
-        self.moe = build_moe_slot(smoe_cfg)
+        self.moe = build_moe_slot(smoe_cfg, ep_for)
         self.layer_index = layer_index
         self.checkpoint_activations = checkpoint_activations
 
@@ -81,9 +83,9 @@ class SMoEEncoderLayer(_SMoELayerMixin, TransformerEncoderLayerBase):
     side = "encoder"
 
     def __init__(self, cfg, smoe_cfg: SMoEConfig, return_fc: bool = False, layer_index: int = 0,
-                 checkpoint_activations: bool = False):
+                 checkpoint_activations: bool = False, ep_for=None):
         super().__init__(cfg, return_fc=return_fc)
-        self._init_moe(smoe_cfg, layer_index, checkpoint_activations)
+        self._init_moe(smoe_cfg, layer_index, checkpoint_activations, ep_for)
 
     def _layer(self, record, x, encoder_padding_mask, attn_mask=None):
         out = TransformerEncoderLayerBase.forward(self, x, encoder_padding_mask, attn_mask)
@@ -100,9 +102,10 @@ class SMoEDecoderLayer(_SMoELayerMixin, TransformerDecoderLayerBase):
     side = "decoder"
 
     def __init__(self, cfg, smoe_cfg: SMoEConfig, no_encoder_attn=False, add_bias_kv=False,
-                 add_zero_attn=False, layer_index: int = 0, checkpoint_activations: bool = False):
+                 add_zero_attn=False, layer_index: int = 0, checkpoint_activations: bool = False,
+                 ep_for=None):
         super().__init__(cfg, no_encoder_attn=no_encoder_attn, add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn)
-        self._init_moe(smoe_cfg, layer_index, checkpoint_activations)
+        self._init_moe(smoe_cfg, layer_index, checkpoint_activations, ep_for)
 
     def _layer(self, record, x, *args, self_attn_padding_mask=None, **kwargs):
         x, attn, state = TransformerDecoderLayerBase.forward(

@@ -23,10 +23,10 @@ from .smoe_block import SMoEBlock
 from .stats import BlockStats, SlotStats
 
 
-def bare_block(cfg: SMoEConfig) -> SMoEBlock:
+def bare_block(cfg: SMoEConfig, ep=None) -> SMoEBlock:
     """A one-stratum SMoE block without its pre-LN: ``block(z) = z + M(z)``."""
     assert cfg.num_strata == 1
-    block = SMoEBlock(cfg)
+    block = SMoEBlock(cfg, ep)
     block.ffn_norm = nn.Identity()
     return block
 
@@ -45,15 +45,16 @@ class StackedMoE(nn.Module):
     """``x_TBd -> x_TBd``: one FFN slot holding ``cfg.stack`` plain MoE layers in sequence,
     ``cfg.num_experts / cfg.stack`` experts each, with the slot's pre-LN and residual."""
 
-    def __init__(self, cfg: SMoEConfig):
+    def __init__(self, cfg: SMoEConfig, ep_for=None):
         super().__init__()
         if cfg.stack < 2:
             raise ValueError("StackedMoE needs cfg.stack >= 2")
+        ep_for = ep_for or (lambda num_experts: None)
         self.cfg = cfg
         per_layer = cfg.num_experts // cfg.stack
         layer_cfg = replace(cfg, strata=(per_layer,), stack=1, cmr=False, cmr_gate_drop=0.0)
         self.ffn_norm = nn.LayerNorm(cfg.embed_dim)
-        self.blocks = nn.ModuleList([bare_block(layer_cfg) for _ in range(cfg.stack)])
+        self.blocks = nn.ModuleList([bare_block(layer_cfg, ep_for(per_layer)) for _ in range(cfg.stack)])
 
     def forward(self, x_TBd: Tensor, padding_mask_BT: Optional[Tensor] = None,
                 trace: bool = False, stats: bool = True) -> Tuple[Tensor, Optional[SlotStats]]:
