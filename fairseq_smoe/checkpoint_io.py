@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import contextvars
 import os
+import re
 import shutil
 import sys
 import traceback
@@ -89,7 +90,7 @@ def structure_problem(state):
     if state.get("cfg") is None and state.get("args") is None:
         return "has 'model' but neither 'cfg' nor 'args': fairseq cannot rebuild the model from it"
     if "optimizer_history" not in state and "best_loss" not in state:
-        return ("has 'model' and 'cfg' but no 'optimizer_history', the training state fairseq 0.12.3 "
+        return ("has 'model' and its configuration but no 'optimizer_history', the training state fairseq 0.12.3 "
                 "needs even to decode: it was not written by fairseq-train")
     return None
 
@@ -109,7 +110,8 @@ def _content_problem(path):
     except Exception as err:  # noqa: BLE001  (UnpicklingError and whatever a damaged pickle raises)
         text = str(err)
         if "Unsupported global" in text:
-            what = next((l.strip() for l in text.splitlines() if "Unsupported global" in l), _first_line(err))
+            found = re.search(r"Unsupported global: (?:GLOBAL )?([\w.]+)", text)
+            what = found.group(1) if found else _first_line(err)
             return (f"holds a Python object that safe loading (weights_only) refuses ({what}); fairseq-train "
                     f"checkpoints hold only tensors, containers and argparse.Namespace",
                     WRITTEN_BY_TRAIN + "; only for a file you trust: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 "

@@ -4,10 +4,13 @@ cost --checkpoint), and a save killed half-way never leaves an unreadable checkp
 
 One tiny training run on the committed Bible fixture (en-de, de-en) is killed in the middle of
 copying its second save to checkpoint_last.pt, then resumed; the bad files are made once from
-its checkpoint. In-process calls go through the functions the CLIs call; one real command per
-CLI (run side by side) checks that the user sees one line and no traceback."""
+its checkpoint (the resume runs fairseq-train's main in-process). In-process calls go through
+the functions the CLIs call; real fairseq-train and fairseq-generate commands (started with the
+training) check that the user sees one line and no traceback."""
 
+import fractions
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -49,7 +52,8 @@ def stalling(copy):
         return copy(fsrc, fdst, *args, **kwargs)
     return stall
 shutil.copyfileobj = stalling(shutil.copyfileobj)
-shutil._fastcopy_sendfile = stalling(shutil._fastcopy_sendfile)
+if hasattr(shutil, "_fastcopy_sendfile"):  # what shutil.copyfile uses on Linux
+    shutil._fastcopy_sendfile = stalling(shutil._fastcopy_sendfile)
 sys.argv[0] = "fairseq-train"
 from fairseq_cli.train import cli_main
 cli_main()
@@ -79,11 +83,42 @@ def binarize(dest):
         "--destdir", str(dest), "--joined-dictionary", "--workers", "1"]))
 
 
+def train_in_process(argv):
+    """fairseq-train's main in this process; returns the trainer's and checkpoint_utils' log lines."""
+    import logging
+
+    from fairseq import distributed_utils
+    from fairseq_cli import train
+
+    class Lines(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.INFO)
+            self.lines = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    lines = Lines()
+    loggers = {logging.getLogger(n): logging.getLogger(n).level for n in ("fairseq.trainer", "fairseq.checkpoint_utils")}
+    for logger in loggers:
+        logger.addHandler(lines)
+        logger.setLevel(logging.INFO)
+    try:
+        args = options.parse_args_and_arch(options.get_training_parser(), argv)
+        distributed_utils.call_main(convert_namespace_to_omegaconf(args), train.main)
+    finally:
+        for logger, level in loggers.items():
+            logger.removeHandler(lines)
+            logger.setLevel(level)
+    return "\n".join(lines.lines)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ckpt")
     data_bin, save = tmp / "data-bin", tmp / "save"
     binarize(data_bin)
+    clis = start_clis(tmp / "cli", data_bin)  # they run while the model trains
     mark = tmp / "stalled"
     killed = subprocess.Popen([sys.executable, "-c", STALL, *train_args(data_bin, save, 4)],
                               env={**os.environ, "STALL_MARK": str(mark)},
@@ -101,10 +136,26 @@ def run(tmp_path_factory):
         last_after_kill = num_updates(save / "checkpoint_last.pt")
     except Exception as err:  # noqa: BLE001  (reported by the test below)
         last_after_kill = err
-    resumed = subprocess.run([sys.executable, "-m", "fairseq_cli.train", *train_args(data_bin, save, 6)],
-                             capture_output=True, text=True)
+    resumed = train_in_process(train_args(data_bin, save, 6))
     return {"tmp": tmp, "data_bin": data_bin, "save": save, "after_kill": after_kill,
-            "last_after_kill": last_after_kill, "resumed": resumed}
+            "last_after_kill": last_after_kill, "resumed": resumed, "clis": clis}
+
+
+def start_clis(d, data_bin):
+    """fairseq-train resuming from random bytes, fairseq-generate given a Git LFS pointer: the real
+    commands, started side by side; {path named in the error: process}."""
+    (d / "save").mkdir(parents=True)
+    (d / "save" / "checkpoint_last.pt").write_bytes(bytes(range(256)) * 20)
+    (d / "lfs.pt").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 22286845\n")
+    py = [sys.executable, "-m"]
+    commands = {
+        d / "save" / "checkpoint_last.pt": py + ["fairseq_cli.train", *train_args(data_bin, d / "save", 20)],
+        d / "lfs.pt": py + ["fairseq_cli.generate", *decode_args(data_bin, d / "lfs.pt")],
+    }
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return {path: subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True, env=env)
+            for path, cmd in commands.items()}
 
 
 def test_killed_save_leaves_the_previous_checkpoint_last_readable(run):
@@ -114,10 +165,8 @@ def test_killed_save_leaves_the_previous_checkpoint_last_readable(run):
 
 
 def test_resume_after_an_interrupted_save(run):
-    res = run["resumed"]
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = res.stdout + res.stderr
-    assert "Loaded checkpoint" in out and "@ 2 updates" in out
+    out = run["resumed"]  # fairseq-train's main, in this process
+    assert re.search(r"Loaded checkpoint \S*checkpoint_last\.pt \(epoch 1 @ 2 updates\)", out), out
     save = run["save"]
     assert num_updates(save / "checkpoint_last.pt") == 6
     for ckpt in save.glob("*.pt"):  # every file of the run is whole
@@ -150,6 +199,9 @@ KINDS = {  # file -> what the message must say
     "tensor.pt": "holds a torch.Tensor",
     "state_dict.pt": "bare model state dict",
     "model_only.pt": "neither 'cfg' nor 'args'",
+    "unsafe.pt": "safe loading (weights_only) refuses (fractions.Fraction)",
+    "html.pt": "is a text file (it starts with '<!DOCTYPE html>",
+    "legacy_truncated.pt": "is truncated",
     "missing.pt": "does not exist",
 }
 
@@ -158,7 +210,7 @@ KINDS = {  # file -> what the message must say
 def bad(run):
     d = run["tmp"] / "bad"
     d.mkdir()
-    good = run["save"] / "checkpoint_last.pt"
+    good = run["save"] / "checkpoint_1_4.pt"  # whole even without atomic copies (written, then renamed)
     raw = good.read_bytes()
     (d / "random.pt").write_bytes(bytes(range(256)) * 20)
     (d / "truncated.pt").write_bytes(raw[: len(raw) // 2])
@@ -168,6 +220,10 @@ def bad(run):
     torch.save(torch.zeros(3), d / "tensor.pt")
     torch.save(state["model"], d / "state_dict.pt")
     torch.save({"model": state["model"]}, d / "model_only.pt")
+    torch.save({**state, "extra": fractions.Fraction(1, 3)}, d / "unsafe.pt")  # not torch's safe types
+    (d / "html.pt").write_text("<!DOCTYPE html>\n<html><body>404 Not Found</body></html>\n")
+    torch.save(state, d / "legacy.pt", _use_new_zipfile_serialization=False)  # torch < 1.6 format
+    (d / "legacy_truncated.pt").write_bytes((d / "legacy.pt").read_bytes()[:3_000_000])
     unknown = dict(state)
     unknown["cfg"] = dict(state["cfg"])
     model_args = unknown["cfg"]["model"] = type(state["cfg"]["model"])(**vars(state["cfg"]["model"]))
@@ -220,15 +276,16 @@ def test_train_resume_names_every_bad_checkpoint(run, bad, tmp_path):
 def test_train_resume_into_another_model_names_file_and_both_models(run, tmp_path):
     from fairseq.trainer import Trainer
 
+    shutil.copy(run["save"] / "checkpoint_1_4.pt", tmp_path / "checkpoint_last.pt")  # trained with strata 2,2
     args = options.parse_args_and_arch(options.get_training_parser(), train_args(
-        run["data_bin"], run["save"], 20, "--smoe-strata", "3,1"))
+        run["data_bin"], tmp_path, 20, "--smoe-strata", "3,1"))
     cfg = convert_namespace_to_omegaconf(args)
     task = tasks.setup_task(cfg.task)
     trainer = Trainer(cfg, task, task.build_model(cfg.model), task.build_criterion(cfg.criterion))
     with pytest.raises(CheckpointError) as err:
         checkpoint_utils.load_checkpoint(cfg.checkpoint, trainer)
     msg = str(err.value)
-    assert f"checkpoint {run['save'] / 'checkpoint_last.pt'} does not fit the model" in msg
+    assert f"checkpoint {tmp_path / 'checkpoint_last.pt'} does not fit the model" in msg
     assert "strata 2,2" in msg and "strata 3,1" in msg
 
 
@@ -261,11 +318,12 @@ def test_generate_and_interactive_name_every_bad_checkpoint(run, bad):
         assert_names(str(err.value), bad / name, words)
     # another model: the checkpoint's strata overridden at decoding (--model-overrides)
     with pytest.raises(CheckpointError) as err:
-        load(run["save"] / "checkpoint_last.pt", {"smoe_strata": "3,1"})
+        load(run["save"] / "checkpoint_1_4.pt", {"smoe_strata": "3,1"})
     msg = str(err.value)
-    assert f"checkpoint {run['save'] / 'checkpoint_last.pt'} does not fit" in msg and "strata 3,1" in msg
-    (model,), _ = load(run["save"] / "checkpoint_last.pt")  # and a good one still loads
-    assert model.smoe_blocks("encoder")
+    assert f"checkpoint {run['save'] / 'checkpoint_1_4.pt'} does not fit" in msg and "strata 3,1" in msg
+    for good in (run["save"] / "checkpoint_1_4.pt", bad / "legacy.pt"):  # good ones still load
+        (model,), _ = load(good)
+        assert model.smoe_blocks("encoder")
 
 
 @pytest.fixture(scope="module")
@@ -302,23 +360,11 @@ def test_cost_names_every_bad_checkpoint(run, bad):
         assert_names(str(err.value), bad / name, words)
 
 
-def test_every_cli_prints_one_line(run, bad, eval_dir, tmp_path):
-    """fairseq-train resume and fairseq-generate for real, side by side: exit 1, the last line of
-    stderr is the message, no traceback (fairseq-interactive and the evaluator's checkpoint errors
-    print through the same sys.excepthook; the evaluator and cost exit with theirs: above)."""
-    resume = tmp_path / "resume"
-    resume.mkdir()
-    shutil.copy(bad / "random.pt", resume / "checkpoint_last.pt")
-    py = [sys.executable, "-m"]
-    commands = {
-        resume / "checkpoint_last.pt": py + ["fairseq_cli.train", *train_args(run["data_bin"], resume, 20)],
-        bad / "truncated.pt": py + ["fairseq_cli.generate", *decode_args(run["data_bin"], bad / "truncated.pt")],
-    }
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    procs = {path: subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, text=True, env=env)
-             for path, cmd in commands.items()}
-    for path, proc in procs.items():
+def test_every_cli_prints_one_line(run):
+    """fairseq-train resume and fairseq-generate for real: exit 1, the last line of stderr is the
+    message, no traceback (fairseq-interactive and the evaluator's checkpoint errors print through
+    the same sys.excepthook; the evaluator and cost exit with theirs: above)."""
+    for path, proc in run["clis"].items():
         stderr = proc.communicate(timeout=300)[1]
         lines = [line for line in stderr.splitlines() if line.strip()]
         assert proc.returncode == 1, (path, stderr[-3000:])

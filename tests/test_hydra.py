@@ -5,7 +5,6 @@ task (a translation_multi_simple_epoch) and models take argparse flags only (see
 fairseq_smoe/hydra_guard.py for why the plugin refuses rather than supports it)."""
 
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
