@@ -13,6 +13,7 @@ import torch
 # weights_only=True, so allow exactly that class instead of turning the safe loader off.
 torch.serialization.add_safe_globals([argparse.Namespace])
 
+from . import checkpoint_io, hydra_guard  # noqa: E402,F401  (checked checkpoint reads, atomic saves; hydra refusal)
 from . import criterions, models, tasks  # noqa: E402,F401  (registrations)
 
 __version__ = "0.1.0"

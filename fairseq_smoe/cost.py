@@ -44,6 +44,7 @@ import sys
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
+from .checkpoint_io import CheckpointError
 from .recipes import RecipeError, load_config
 
 DEFAULT_VOCAB = 32000
@@ -334,7 +335,7 @@ def main(argv=None):
                 if shape.moe_freq > 0:
                     rc = expected_passes(shape.strata) if shape.stack == 1 else float(shape.stack)
                 rows.append((name, params, flops, rc))
-    except (RecipeError, ValueError, FileNotFoundError) as err:
+    except (RecipeError, ValueError, FileNotFoundError, CheckpointError) as err:
         sys.exit(f"error: {err}")
 
     if a.json:

@@ -54,14 +54,12 @@ def read_lines(path):
 
 def task_args(checkpoint):
     """The training task's flags, so decoding uses the same languages and language tokens."""
-    import fairseq_smoe  # noqa: F401  (safe globals for torch.load)
+    from .checkpoint_io import CheckpointError, read_checkpoint
 
-    if not os.path.exists(checkpoint):
-        raise EvaluationError(f"checkpoint {checkpoint} does not exist")
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise EvaluationError(f"cannot read checkpoint {checkpoint} ({err}); is it a fairseq checkpoint?") from err
+        state = read_checkpoint(checkpoint)  # names the file and what is wrong with it
+    except CheckpointError as err:
+        raise EvaluationError(str(err)) from err
     task = state["cfg"]["task"]
     get = (lambda k: getattr(task, k, None)) if not isinstance(task, dict) else task.get
     if get("_name") not in ("smoe_translation", "translation_multi_simple_epoch"):
