@@ -32,6 +32,7 @@ def smoe_config(args, embed_dim: int, ffn_dim: int) -> SMoEConfig:
         inference_noise=args.moe_inference_noise,
         eval_capacity_token_fraction=args.moe_eval_capacity_token_fraction,
         dropless=args.moe_dropless,
+        elastic_passes=args.smoe_elastic_passes,
         eom=args.moe_eom,
         residual=args.smoe_residual,
         exit_norm=args.smoe_exit_norm,
@@ -179,6 +180,10 @@ class SMoETransformerModel(TransformerModel):
                             help="no capacity limit in training either: no assignment is ever "
                             "dropped (MegaBlocks/Tutel-style); the paper trains with capacity "
                             "2*ceil(S/V) (top-2) or the capacity factor (top-1), which this ignores")
+        parser.add_argument("--smoe-elastic-passes", action="store_true",
+                            help="training: every token of every block forward gets a random pass "
+                            "budget K in 1..L (it leaves after K passes whatever its router says), "
+                            "so that one model serves every --smoe-max-passes at inference")
         parser.add_argument("--moe-eom", type=float, metavar="P",
                             help="expert output masking rate (default: 0.0)")
         parser.add_argument("--smoe-residual", choices=RESIDUAL_MODES,
@@ -236,6 +241,12 @@ class SMoETransformerModel(TransformerModel):
             out, extra = super().forward(*args, **kwargs)
         extra["routing"] = record
         return out, extra
+
+    def set_max_passes(self, k) -> None:
+        """The compute dial (``--smoe-max-passes``): evaluation and generation stop every token
+        after ``k`` strata passes in every SMoE block (None: no cap)."""
+        for block in self.smoe_blocks("encoder") + self.smoe_blocks("decoder"):
+            block.set_max_passes(k)
 
     def has_moe_slots(self) -> bool:
         """Whether any layer has an MoE FFN slot (False for ``--moe-freq 0``). Not by iterating
@@ -310,7 +321,8 @@ def smoe_base_architecture(args):
     _default(args, "moe_second_expert_policy", "sampling")
     _default(args, "moe_eom", 0.0)
     _default(args, "smoe_residual", "official")
-    for flag in ("moe_top1_expert", "moe_inference_noise", "moe_route_padding", "moe_cmr", "smoe_exit_norm", "moe_dropless"):
+    for flag in ("moe_top1_expert", "moe_inference_noise", "moe_route_padding", "moe_cmr", "smoe_exit_norm", "moe_dropless",
+                 "smoe_elastic_passes"):
         _default(args, flag, False)
     _default(args, "moe_stack", 1)
     _default(args, "moe_expert_parallel", False)

@@ -49,6 +49,7 @@ class SMoEConfig:
     inference_noise: bool = False  # keep the training policy's noise at inference (official code)
     eval_capacity_token_fraction: Optional[float] = None  # None: never drop at eval
     dropless: bool = False  # no capacity limit in training either (MegaBlocks / Tutel style)
+    elastic_passes: bool = False  # training: each token gets a random pass budget K in 1..L
     eom: float = 0.0  # expert output masking rate
     residual: str = "official"
     exit_norm: bool = False  # an exit LayerNorm where the residual mode has none (one stratum, paper)

@@ -247,6 +247,7 @@ def plan_pass(
     priority_bound: Optional[int] = None,
     stratum_of_expert: Optional[Tensor] = None,
     ep=None,
+    exit_n: Optional[Tensor] = None,
 ) -> Optional[PassPlan]:
     """The plan of one pass at ``stratum`` over n rows, from its router's logits.
 
@@ -255,8 +256,9 @@ def plan_pass(
     every second choice. ``valid_n``: rows that are routed (None: all); the others take no
     slot and leave the block. ``stratum_of_expert``: the stratum of every global expert id on
     the logits' device (built from ``strata`` if not given). ``ep``: the expert-parallel setup
-    (``expert_parallel.ExpertParallel``), whose ranks exchange their counts here. Returns None
-    when no row is routed (on any rank of the exchange group).
+    (``expert_parallel.ExpertParallel``), whose ranks exchange their counts here. ``exit_n``:
+    rows that leave the block after this pass whatever their top-1 (the compute dial,
+    ``--smoe-max-passes``). Returns None when no row is routed (on any rank of the exchange group).
 
     One host read (``host_sync.read_to_host``): the expert loads (they size the buffer), the number of
     rows going to each later stratum (so the block gathers them without a read of its own) and
@@ -280,6 +282,8 @@ def plan_pass(
     next_n = stratum_of_expert[experts_Kn[0] + first] + 1
     if valid_n is not None:
         next_n = torch.where(valid_n, next_n, L)
+    if exit_n is not None:
+        next_n = torch.where(exit_n, L, next_n)
     num_active_1 = valid_n.sum().unsqueeze(0) if valid_n is not None else counts_B.new_full((1,), n)
     host = torch.cat([counts_B[:V], count_per_bin(next_n, L + 1), num_active_1])
     peers = [read_to_host(host)] if ep is None else ep.gather_counts(host)

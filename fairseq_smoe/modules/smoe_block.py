@@ -56,6 +56,28 @@ class SMoEBlock(nn.Module):
         )
         self.experts = StackedExperts(cfg.num_experts, d, cfg.ffn_dim, cfg.activation_dropout, ep=ep)
         self.register_buffer("stratum_of_expert", stratum_map(cfg.strata), persistent=False)
+        self.max_passes: Optional[int] = None  # the compute dial (set_max_passes); None = L
+
+    def set_max_passes(self, k: Optional[int]) -> None:
+        """Evaluation and generation forwards stop every token after ``k`` passes (1..L; None:
+        no cap, the model as trained); in ``official`` mode it still leaves through the exit
+        LayerNorm. Training forwards are not capped (see ``cfg.elastic_passes``)."""
+        L = self.cfg.num_strata
+        if k is not None and not 1 <= k <= L:
+            raise ValueError(f"--smoe-max-passes must be in 1..{L} (the strata of this model), got {k}")
+        self.max_passes = k
+
+    def _pass_budget(self, N: int, dev) -> Optional[Tensor]:
+        """Per row, the passes it may make: the dial's K at evaluation, a random K in 1..L per
+        token in training with ``elastic_passes``, else None (no cap)."""
+        L = self.cfg.num_strata
+        if self.training:
+            if not self.cfg.elastic_passes or L == 1:
+                return None
+            return torch.randint(1, L + 1, (N,), device=dev)
+        if self.max_passes is None or self.max_passes >= L:
+            return None
+        return torch.full((N,), self.max_passes, dtype=torch.long, device=dev)
 
     def pre_norm(self, stratum: int) -> nn.Module:
         return self.ffn_norm if stratum == 0 else self.strata_norms[stratum - 1]
@@ -102,6 +124,7 @@ class SMoEBlock(nn.Module):
         aux_sum = x_Nd.new_zeros((), dtype=torch.float32)
         assigned = kept = num_passes = 0
         passes_trace: Optional[List[PassTrace]] = [] if trace else None
+        left_N = self._pass_budget(N, dev)  # passes each row may still make (None: no cap)
 
         for c in range(L):
             # Pass 0 works on all N rows (padding rows are masked, not removed); pass c >= 1
@@ -122,6 +145,7 @@ class SMoEBlock(nn.Module):
                 k=cfg.k, policy=cfg.second_expert_policy, noisy=noisy,
                 valid_n=routed_N if c == 0 else None, priority_bound=N,
                 stratum_of_expert=self.stratum_of_expert, ep=ep,
+                exit_n=None if left_N is None else (left_N if c == 0 else left_N[idx_n]) <= 1,
             )
             if plan is None:
                 break  # pass 0 and every token is padding
@@ -139,6 +163,8 @@ class SMoEBlock(nn.Module):
             else:
                 x_Nd = x_Nd.index_copy_(0, idx_n, out_nd)  # x_Nd is pass 0's output: ours
                 state_N = state_N.index_copy(0, idx_n, plan.next_n)
+            if left_N is not None:
+                left_N = left_N - 1 if c == 0 else left_N.index_add(0, idx_n, torch.full_like(idx_n, -1))
             if not stats or plan.num_active == 0:
                 continue  # (no rows here: this rank only served the others' exchange)
             num_passes += 1
