@@ -10,7 +10,7 @@ experts and the outputs come back (``_rows_forward`` / ``_rows_backward``); ever
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,19 +31,37 @@ class StackedExperts(nn.Module):
     (parameters ``[hi - lo, ...]``, tagged ``expert`` so that fairseq's legacy_ddp does not
     all-reduce them) and initialises them exactly as a single process would: the random stream
     of all E experts is drawn and the local ones kept, so the model is the same at any world size.
+
+    ``widths``: experts of different FFN widths (``--smoe-strata-ffn``): ``[(experts, d_ff),
+    ...]`` in expert order, one group per width, stored as ``w1_g, b1_g, w2_g, b2_g`` of shape
+    ``[experts, d, d_ff_g]`` etc.; no expert is padded to the widest. One group (the default)
+    keeps the names ``w1, b1, w2, b2``.
     """
 
     def __init__(self, num_experts: int, embed_dim: int, ffn_dim: int, activation_dropout: float = 0.0,
-                 ep: Optional[ExpertParallel] = None):
+                 ep: Optional[ExpertParallel] = None, widths: Optional[List[Tuple[int, int]]] = None):
         super().__init__()
         self.num_experts, self.embed_dim, self.ffn_dim = num_experts, embed_dim, ffn_dim
         self.ep = ep
+        widths = widths if widths is not None else [(num_experts, ffn_dim)]
+        assert sum(n for n, _ in widths) == num_experts
+        if ep is not None and len(widths) > 1:
+            raise ValueError("--moe-expert-parallel cannot be combined with --smoe-strata-ffn (experts of "
+                             "different widths): give every stratum the same FFN width")
         self.local_range = ep.layout.local_experts if ep is not None else (0, num_experts)
         m = self.local_range[1] - self.local_range[0]
-        self.w1 = nn.Parameter(torch.empty(m, embed_dim, ffn_dim))
-        self.b1 = nn.Parameter(torch.empty(m, ffn_dim))
-        self.w2 = nn.Parameter(torch.empty(m, ffn_dim, embed_dim))
-        self.b2 = nn.Parameter(torch.empty(m, embed_dim))
+        # (first global expert, experts, d_ff) per width group, on this rank
+        self.groups: List[Tuple[int, int, int]] = []
+        start = self.local_range[0]
+        for n, f in (widths if ep is None else [(m, ffn_dim)]):
+            self.groups.append((start, n, f))
+            start += n
+        for g, (_, n, f) in enumerate(self.groups):
+            suffix = "" if len(self.groups) == 1 else f"_{g}"
+            self.register_parameter("w1" + suffix, nn.Parameter(torch.empty(n, embed_dim, f)))
+            self.register_parameter("b1" + suffix, nn.Parameter(torch.empty(n, f)))
+            self.register_parameter("w2" + suffix, nn.Parameter(torch.empty(n, f, embed_dim)))
+            self.register_parameter("b2" + suffix, nn.Parameter(torch.empty(n, embed_dim)))
         if ep is not None:
             for p in self.parameters():
                 p.expert = True  # fairseq's legacy_ddp skips these; see expert_parallel.py
@@ -51,19 +69,27 @@ class StackedExperts(nn.Module):
         self.activation_dropout = activation_dropout
         self.reset_parameters()
 
+    def group_params(self) -> List[Tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """(w1, b1, w2, b2) of every width group, in expert order."""
+        if len(self.groups) == 1:
+            return [(self.w1, self.b1, self.w2, self.b2)]
+        return [tuple(getattr(self, f"{n}_{g}") for n in ("w1", "b1", "w2", "b2"))
+                for g in range(len(self.groups))]
+
     def reset_parameters(self):
         lo, hi = self.local_range
-        for w, b, fan_in in ((self.w1, self.b1, self.embed_dim), (self.w2, self.b2, self.ffn_dim)):
-            bound = 1.0 / math.sqrt(fan_in)
-            for p in (w, b):
-                if self.ep is None:
-                    nn.init.uniform_(p, -bound, bound)
-                    continue
-                with torch.no_grad():  # one expert at a time: the stream of a full [E, ...] draw
-                    for e in range(self.num_experts):
-                        t = torch.empty(p.shape[1:], dtype=p.dtype).uniform_(-bound, bound)
-                        if lo <= e < hi:
-                            p[e - lo].copy_(t)
+        for (_, _, f), (w1, b1, w2, b2) in zip(self.groups, self.group_params()):
+            for w, b, fan_in in ((w1, b1, self.embed_dim), (w2, b2, f)):
+                bound = 1.0 / math.sqrt(fan_in)
+                for p in (w, b):
+                    if self.ep is None:
+                        nn.init.uniform_(p, -bound, bound)
+                        continue
+                    with torch.no_grad():  # one expert at a time: the stream of a full [E, ...] draw
+                        for e in range(self.num_experts):
+                            t = torch.empty(p.shape[1:], dtype=p.dtype).uniform_(-bound, bound)
+                            if lo <= e < hi:
+                                p[e - lo].copy_(t)
 
     def forward(self, x_VCd: Tensor, first: int = 0) -> Tensor:
         """Run experts ``first .. E-1`` on their buffers: ``[V, C, d] -> [V, C, d]`` (all experts
@@ -76,13 +102,13 @@ class StackedExperts(nn.Module):
     def weights(self, dtype: Optional[torch.dtype] = None) -> "PassWeights":
         """The weights as seen by the passes of one block forward (see ExpertGrads), in
         ``dtype`` (default: their own), cast once per forward rather than once per pass."""
-        params = (self.w1, self.b1, self.w2, self.b2)
+        params = [p for group in self.group_params() for p in group]
         if dtype is not None:
-            params = tuple(p.to(dtype) for p in params)
+            params = [p.to(dtype) for p in params]
         if not torch.is_grad_enabled():  # no backward: no gradient bookkeeping either
-            return PassWeights(None, *params, ep=self.ep)
+            return PassWeights(None, params, self.groups, ep=self.ep)
         grads = ExpertGrads(self.ep)
-        return PassWeights(grads, *_WeightsEntry.apply(grads, *params), ep=self.ep)
+        return PassWeights(grads, list(_WeightsEntry.apply(grads, *params)), self.groups, ep=self.ep)
 
     def mix(self, res_nd: Tensor, u_nd: Tensor, g_Kn: Tensor, weights: "PassWeights",
             slots: SlotLayout, dropout: float = 0.0) -> Tensor:
@@ -93,10 +119,7 @@ class StackedExperts(nn.Module):
         p_out = dropout if self.training else 0.0
         if weights.grads is None:  # no autograd (evaluation, generation): the forward alone
             return expert_mix(res_nd, u_nd, g_Kn, weights, slots, p_act, p_out)[0]
-        return _ExpertMix.apply(
-            res_nd, u_nd, g_Kn, weights.w1, weights.b1, weights.w2, weights.b2,
-            weights, slots, p_act, p_out,
-        )
+        return _ExpertMix.apply(res_nd, u_nd, g_Kn, weights, slots, p_act, p_out, *weights.params)
 
     def extra_repr(self) -> str:
         text = f"num_experts={self.num_experts}, embed_dim={self.embed_dim}, ffn_dim={self.ffn_dim}"
@@ -107,12 +130,20 @@ class StackedExperts(nn.Module):
 
 @dataclass
 class PassWeights:
+    """The expert weights of one block forward: ``params`` = w1, b1, w2, b2 of every width
+    group in turn; ``groups`` = (first expert, experts, d_ff) of each group."""
+
     grads: Optional["ExpertGrads"]
-    w1: Tensor
-    b1: Tensor
-    w2: Tensor
-    b2: Tensor
+    params: List[Tensor]
+    groups: List[Tuple[int, int, int]]
     ep: Optional[ExpertParallel] = None
+
+    def group(self, g: int) -> List[Tensor]:
+        return self.params[4 * g:4 * g + 4]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.params[0].dtype
 
 
 class ExpertGrads:
@@ -128,48 +159,50 @@ class ExpertGrads:
 
     def __init__(self, ep: Optional[ExpertParallel] = None):
         self.ep = ep
-        self.tensors = None
-        self.fresh: List[bool] = []  # per local expert: no gradient written yet
+        self.tensors = None  # one gradient per parameter of PassWeights.params
+        self.fresh: List[List[bool]] = []  # per group, per expert: no gradient written yet
 
-    def add(self, first_local: int, chunks, buf_Rd, h_Rf, grad_h_Rf, grad_y_Rd, like):
-        """The gradients of one pass, whose chunks index local experts from ``first_local``."""
+    def add(self, g: int, first: int, chunks, buf_Rd, h_Rf, grad_h_Rf, grad_y_Rd, like):
+        """The gradients of one pass in width group ``g``, whose chunks index its experts from
+        ``first``; ``like``: the parameters the gradients are for."""
         if self.tensors is None:
             self.tensors = [torch.empty_like(p) for p in like]
-            self.fresh = [True] * like[0].size(0)
-        gw1, gb1, gw2, gb2 = (t[first_local:] for t in self.tensors)
-        fresh = self.fresh[first_local:]
-        counts_V = chunks.counts_V if hasattr(chunks, "counts_V") else None
+            self.fresh = [[True] * like[4 * i].size(0) for i in range(len(like) // 4)]
+        gw1, gb1, gw2, gb2 = (t[first:] for t in self.tensors[4 * g:4 * g + 4])
+        fresh = self.fresh[g][first:]
+        counts_V = getattr(chunks, "counts_V", None)
         grouped_weight_grad(buf_Rd, grad_h_Rf, chunks, gw1, gb1, list(fresh), counts_V)
         grouped_weight_grad(h_Rf, grad_y_Rd, chunks, gw2, gb2, fresh, counts_V)
-        self.fresh[first_local:] = fresh
+        self.fresh[g][first:] = fresh
 
-    def take(self):
+    def take(self, count: int):
         tensors, fresh = self.tensors, self.fresh
         self.tensors, self.fresh = None, []
         if tensors is None:
-            tensors = [None] * 4
+            tensors = [None] * count
         else:
-            for e, untouched in enumerate(fresh):
-                if untouched:  # an expert no pass reached
-                    for t in tensors:
-                        t[e].zero_()
+            for g, flags in enumerate(fresh):
+                for e, untouched in enumerate(flags):
+                    if untouched:  # an expert no pass reached
+                        for t in tensors[4 * g:4 * g + 4]:
+                            t[e].zero_()
         if self.ep is not None:  # every rank, in the same order: all blocks run on all ranks
             self.ep.finish_expert_grads(tensors)
         return tensors
 
 
 class _WeightsEntry(torch.autograd.Function):
-    """Identity on the four expert weights; its backward returns ``ExpertGrads``' totals."""
+    """Identity on the expert weights; its backward returns ``ExpertGrads``' totals."""
 
     @staticmethod
-    def forward(ctx, grads, w1, b1, w2, b2):
-        ctx.grads = grads
+    def forward(ctx, grads, *params):
+        ctx.grads, ctx.count = grads, len(params)
         ctx.set_materialize_grads(False)
-        return w1.view_as(w1), b1.view_as(b1), w2.view_as(w2), b2.view_as(b2)
+        return tuple(p.view_as(p) for p in params)
 
     @staticmethod
     def backward(ctx, *unused):
-        return (None, *ctx.grads.take())
+        return (None, *ctx.grads.take(ctx.count))
 
 
 class _Chunks(list):
@@ -181,49 +214,93 @@ class _Chunks(list):
         self.counts_V = counts_V
 
 
-def _pass_experts(weights: PassWeights, slots: SlotLayout):
-    """(first local expert of the pass, its chunks, exchange plan or None) for this rank."""
+@dataclass
+class _Part:
+    """The rows of one width group in a pass: rows ``[a, b)`` of the expert rows, chunks
+    indexing the group's experts from ``first``."""
+
+    group: int
+    first: int
+    chunks: _Chunks
+    a: int
+    b: int
+
+
+def _pass_parts(weights: PassWeights, slots: SlotLayout):
+    """(the pass's parts, exchange plan or None) on this rank: on one process the visible
+    experts of each width group (their rows are consecutive: rows are sorted by expert); with
+    expert parallelism the rows this rank receives for its experts (one group)."""
+    first = slots.first
     if weights.ep is None:
-        return slots.first, _Chunks(per_expert(slots.counts), slots.counts_V), None
+        parts, row = [], 0
+        for g, (g_first, g_size, _) in enumerate(weights.groups):
+            lo, hi = max(g_first, first), g_first + g_size
+            if lo >= hi:
+                continue
+            counts = slots.counts[lo - first:hi - first]
+            chunks = _Chunks(per_expert(counts), slots.counts_V[lo - first:hi - first])
+            parts.append(_Part(g, lo - g_first, chunks, row, row + sum(counts)))
+            row += sum(counts)
+        return parts, None
     layout = weights.ep.layout
     lo, hi = layout.local_experts
-    first_local = min(max(slots.first, lo), hi) - lo
+    first_local = min(max(first, lo), hi) - lo
     lo_vis = lo + first_local
-    send = split_sizes(slots.counts, slots.first, layout)
-    recv = [sum(c[e - slots.first] for e in range(lo_vis, hi)) for c in slots.peer_counts]
-    chunks = [(e - first_local, c) for e, c in received_chunks(slots.peer_counts, slots.first, layout)]
-    return first_local, _Chunks(chunks), (send, recv)
+    send = split_sizes(slots.counts, first, layout)
+    recv = [sum(c[e - first] for e in range(lo_vis, hi)) for c in slots.peer_counts]
+    chunks = [(e - first_local, c) for e, c in received_chunks(slots.peer_counts, first, layout)]
+    return [_Part(0, first_local, _Chunks(chunks), 0, sum(recv))], (send, recv)
 
 
 def _rows_forward(buf_Rd, weights: PassWeights, slots: SlotLayout, p_act: float):
-    """The expert FFNs over the pass's expert rows: (y rows, what the backward needs)."""
-    first, chunks, xchg = _pass_experts(weights, slots)
-    w1, b1, w2, b2 = (w[first:] for w in (weights.w1, weights.b1, weights.w2, weights.b2))
+    """The expert FFNs over the pass's expert rows: (y rows, what the backward needs: the
+    input rows and each part's hidden rows)."""
+    parts, xchg = _pass_parts(weights, slots)
     x = buf_Rd if xchg is None else weights.ep.exchange(buf_Rd, *xchg)
-    h = grouped_linear(x, w1, chunks, b1, chunks.counts_V).relu_()
-    if p_act > 0:
-        h = F.dropout(h, p=p_act, training=True, inplace=True)
-    y = grouped_linear(h, w2, chunks, b2, chunks.counts_V)
+    y = x.new_empty(x.size(0), x.size(1)) if len(parts) != 1 else None
+    hs = []
+    for part in parts:
+        w1, b1, w2, b2 = (w[part.first:] for w in weights.group(part.group))
+        counts_V = part.chunks.counts_V
+        h = grouped_linear(x[part.a:part.b], w1, part.chunks, b1, counts_V).relu_()
+        if p_act > 0:
+            h = F.dropout(h, p=p_act, training=True, inplace=True)
+        if y is None:  # one part covers every row
+            y = grouped_linear(h, w2, part.chunks, b2, counts_V)
+        else:
+            grouped_linear(h, w2, part.chunks, b2, counts_V, out=y[part.a:part.b])
+        hs.append(h)
+    if y is None:  # no part at all: this rank's experts are not visible in this pass
+        y = x.new_empty(x.size(0), x.size(1))
     if xchg is not None:
         y = weights.ep.exchange(y, xchg[1], xchg[0])
-    return y, (x, h)
+    return y, (x, *hs)
 
 
 def _rows_backward(grad_y_Rd, saved, weights: PassWeights, slots: SlotLayout, p_act: float, grads):
     """Gradient of ``_rows_forward`` w.r.t. its input rows; the weights' into ``grads``."""
-    x, h = saved
-    first, chunks, xchg = _pass_experts(weights, slots)
-    w1, w2 = weights.w1[first:], weights.w2[first:]
+    x, *hs = saved
+    parts, xchg = _pass_parts(weights, slots)
     if xchg is not None:
         grad_y_Rd = weights.ep.exchange(grad_y_Rd, *xchg)
-    grad_h = grouped_linear_t(grad_y_Rd, w2, chunks, chunks.counts_V)
-    # ReLU (and activation dropout) backward in place: h > 0 exactly where both passed
-    torch.ops.aten.threshold_backward.grad_input(grad_h, h, 0, grad_input=grad_h)
-    if p_act > 0:
-        grad_h.mul_(1.0 / (1.0 - p_act))
-    if grads is not None:  # into ExpertGrads, handed over by _WeightsEntry
-        grads.add(first, chunks, x, h, grad_h, grad_y_Rd, (weights.w1, weights.b1, weights.w2, weights.b2))
-    grad_x = grouped_linear_t(grad_h, w1, chunks, chunks.counts_V)
+    grad_x = grad_y_Rd.new_empty(x.shape) if len(parts) != 1 else None
+    for part, h in zip(parts, hs):
+        w1, _, w2, _ = (w[part.first:] for w in weights.group(part.group))
+        counts_V = part.chunks.counts_V
+        grad_y = grad_y_Rd[part.a:part.b]
+        grad_h = grouped_linear_t(grad_y, w2, part.chunks, counts_V)
+        # ReLU (and activation dropout) backward in place: h > 0 exactly where both passed
+        torch.ops.aten.threshold_backward.grad_input(grad_h, h, 0, grad_input=grad_h)
+        if p_act > 0:
+            grad_h.mul_(1.0 / (1.0 - p_act))
+        if grads is not None:  # into ExpertGrads, handed over by _WeightsEntry
+            grads.add(part.group, part.first, part.chunks, x[part.a:part.b], h, grad_h, grad_y, weights.params)
+        if grad_x is None:
+            grad_x = grouped_linear_t(grad_h, w1, part.chunks, counts_V)
+        else:
+            grouped_linear_t(grad_h, w1, part.chunks, counts_V, out=grad_x[part.a:part.b])
+    if grad_x is None:  # no part at all: this rank's experts are not visible in this pass
+        grad_x = grad_y_Rd.new_empty(x.shape)
     if xchg is not None:
         grad_x = weights.ep.exchange(grad_x, xchg[1], xchg[0])
     return grad_x
@@ -236,7 +313,7 @@ def expert_mix(res_nd, u_nd, g_Kn, weights: PassWeights, slots: SlotLayout, p_ac
     # Autocast is off in here: the experts run in the weights' dtype (compute_dtype), the
     # combine in the residual's, and the backward casts at the same two places.
     with autocast_off(u_nd):
-        buf = u_nd.index_select(0, slots.src_R).to(weights.w1.dtype)
+        buf = u_nd.index_select(0, slots.src_R).to(weights.dtype)
         y, saved = _rows_forward(buf, weights, slots, p_act)
         mask = None
         if p_out > 0:
@@ -266,17 +343,19 @@ class _ExpertMix(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, res_nd, u_nd, g_Kn, w1, b1, w2, b2, weights, slots, p_act, p_out):
-        pass_weights = PassWeights(weights.grads, w1, b1, w2, b2, ep=weights.ep)
+    def forward(ctx, res_nd, u_nd, g_Kn, weights, slots, p_act, p_out, *params):
+        pass_weights = PassWeights(weights.grads, list(params), weights.groups, ep=weights.ep)
         out, saved, y_Ad, mask = expert_mix(res_nd, u_nd, g_Kn, pass_weights, slots, p_act, p_out)
-        ctx.save_for_backward(*saved, y_Ad, g_Kn, w1, b1, w2, b2, mask)
-        ctx.slots, ctx.grads, ctx.ep, ctx.p_act, ctx.p_out = slots, weights.grads, weights.ep, p_act, p_out
+        ctx.save_for_backward(y_Ad, g_Kn, mask, *params, *saved)
+        ctx.num_params = len(params)
+        ctx.slots, ctx.weights, ctx.p_act, ctx.p_out = slots, weights, p_act, p_out
         ctx.u_dtype = u_nd.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, h, y_Ad, g_Kn, w1, b1, w2, b2, mask = ctx.saved_tensors
+        y_Ad, g_Kn, mask, *rest = ctx.saved_tensors
+        params, saved = rest[:ctx.num_params], rest[ctx.num_params:]
         slots = ctx.slots
         K, n = g_Kn.shape
         d = y_Ad.size(1)
@@ -287,13 +366,13 @@ class _ExpertMix(torch.autograd.Function):
             grad_g = torch.linalg.vecdot(y_Ad.view(K, n, d), grad_out.unsqueeze(0)).to(g_Kn.dtype)
         # d out / d y at each expert row: its token's output gradient times its combine weight
         w_R = g_Kn.detach().reshape(-1).to(grad_out.dtype).index_select(0, slots.asg_R)
-        grad_y = grad_out.index_select(0, slots.src_R).mul_(w_R.unsqueeze(1)).to(w1.dtype)
+        grad_y = grad_out.index_select(0, slots.src_R).mul_(w_R.unsqueeze(1)).to(params[0].dtype)
         if mask is not None:
             grad_y = torch.ops.aten.native_dropout_backward(grad_y, mask, 1.0 / (1.0 - ctx.p_out))
-        weights = PassWeights(ctx.grads, w1, b1, w2, b2, ep=ctx.ep)
-        grads = ctx.grads if any(ctx.needs_input_grad[3:7]) else None
-        grad_buf = _rows_backward(grad_y, (x, h), weights, slots, ctx.p_act, grads)
+        weights = PassWeights(ctx.weights.grads, list(params), ctx.weights.groups, ep=ctx.weights.ep)
+        grads = weights.grads if any(ctx.needs_input_grad[7:]) else None
+        grad_buf = _rows_backward(grad_y, saved, weights, slots, ctx.p_act, grads)
         grad_u = None
         if ctx.needs_input_grad[1]:
             grad_u = grad_buf.new_zeros(n, d).index_add_(0, slots.src_R, grad_buf).to(ctx.u_dtype)
-        return grad_res, grad_u, grad_g, None, None, None, None, None, None, None, None
+        return (grad_res, grad_u, grad_g, None, None, None, None) + (None,) * ctx.num_params

@@ -73,15 +73,15 @@ def group_offsets(counts_V: Tensor) -> Tensor:
 
 
 def grouped_linear(x_Rk: Tensor, w_Vkm: Tensor, chunks: Chunks, bias_Vm: Optional[Tensor] = None,
-                   counts_V: Optional[Tensor] = None) -> Tensor:
-    """``x_e @ w_e (+ b_e)`` for every chunk's rows: ``[R, k] -> [R, m]``."""
+                   counts_V: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
+    """``x_e @ w_e (+ b_e)`` for every chunk's rows: ``[R, k] -> [R, m]`` (into ``out`` if given)."""
     R, m = x_Rk.size(0), w_Vkm.size(2)
     if backend_for(x_Rk, w_Vkm, chunks, counts_V) == "grouped":
-        out = torch._grouped_mm(x_Rk, w_Vkm, offs=group_offsets(counts_V))
+        y = torch._grouped_mm(x_Rk, w_Vkm, offs=group_offsets(counts_V))
         if bias_Vm is not None:
-            out += torch.repeat_interleave(bias_Vm, counts_V, dim=0, output_size=R)
-        return out
-    out = x_Rk.new_empty(R, m)
+            y += torch.repeat_interleave(bias_Vm, counts_V, dim=0, output_size=R)
+        return y if out is None else out.copy_(y)
+    out = x_Rk.new_empty(R, m) if out is None else out
     w = w_Vkm.unbind(0)
     bias = bias_Vm.unbind(0) if bias_Vm is not None else None
     for e, x_e, out_e in _groups(chunks, x_Rk, out):
@@ -93,12 +93,13 @@ def grouped_linear(x_Rk: Tensor, w_Vkm: Tensor, chunks: Chunks, bias_Vm: Optiona
 
 
 def grouped_linear_t(x_Rm: Tensor, w_Vkm: Tensor, chunks: Chunks,
-                     counts_V: Optional[Tensor] = None) -> Tensor:
+                     counts_V: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
     """``x_e @ w_e^T`` for every chunk's rows (the input gradient of ``grouped_linear``):
-    ``[R, m] -> [R, k]``."""
+    ``[R, m] -> [R, k]`` (into ``out`` if given)."""
     if backend_for(x_Rm, w_Vkm, chunks, counts_V) == "grouped":
-        return torch._grouped_mm(x_Rm, w_Vkm.transpose(1, 2), offs=group_offsets(counts_V))
-    out = x_Rm.new_empty(x_Rm.size(0), w_Vkm.size(1))
+        y = torch._grouped_mm(x_Rm, w_Vkm.transpose(1, 2), offs=group_offsets(counts_V))
+        return y if out is None else out.copy_(y)
+    out = x_Rm.new_empty(x_Rm.size(0), w_Vkm.size(1)) if out is None else out
     w = w_Vkm.unbind(0)
     for e, x_e, out_e in _groups(chunks, x_Rm, out):
         torch.mm(x_e, w[e].t(), out=out_e)
