@@ -55,11 +55,13 @@ from fairseq_smoe.modules import SMoEBlock, SMoEConfig  # noqa: E402
 from fairseq_smoe.modules.routing import balance_loss, expert_capacity, select_experts  # noqa: E402
 from fairseq_smoe.modules.stats import BlockStats  # noqa: E402
 
-CONFIGS = {  # name: (embed dim, FFN dim, strata)
+CONFIGS = {  # name: (embed dim, FFN dim, strata[, FFN width per stratum])
     "m4-4-4": (512, 2048, (4, 4)),
     "m4-2-2-2-2": (512, 2048, (2, 2, 2, 2)),
     "m15-4-12": (1024, 4096, (4, 12)),
     "m15-4-4-4-4": (1024, 4096, (4, 4, 4, 4)),
+    # strata of different widths, same parameters as m4-4-4 (--smoe-strata-ffn 1024,3072)
+    "m4-4-4-w1024-3072": (512, 2048, (4, 4), (1024, 3072)),
 }
 MODES = ("fwd", "fwd_bwd")
 VARIANTS = ("ours", "floor", "onehot")
@@ -248,10 +250,12 @@ class Case:
     input, the floor FFN and its rows."""
 
     def __init__(self, name, tokens, device, seed=0, skew="balanced", phase="train"):
-        d, ffn, strata = CONFIGS[name]
+        d, ffn, strata, *widths = CONFIGS[name]
         torch.manual_seed(seed)
         self.name, self.device, self.skew, self.phase = name, device, skew, phase
-        cfg = SMoEConfig(embed_dim=d, ffn_dim=ffn, strata=strata, second_expert_policy="all")
+        cfg = SMoEConfig(embed_dim=d, ffn_dim=ffn, strata=strata, second_expert_policy="all",
+                         strata_ffn=widths[0] if widths else None)
+        self.has_onehot = not widths  # the one-hot baseline runs one FFN width only
         self.block = SMoEBlock(cfg).to(device).train(phase == "train")
         skew_router(self.block, skew)
         B = math.gcd(tokens, 32)
@@ -269,25 +273,34 @@ class Case:
         tr = st.trace[0]
         loads = torch.bincount((tr.experts_Kn - tr.first)[tr.kept_Kn], minlength=tr.probs_nV.size(1))
         self.imbalance = float(loads.max() / loads.float().mean())
-        # in-place ReLU, as the experts use: the tightest dense FFN of stock PyTorch modules
-        self.floor = nn.Sequential(nn.Linear(d, ffn), nn.ReLU(inplace=True), nn.Linear(ffn, d))
-        self.floor.to(device).train()
-        self.xf = torch.randn(self.rows, d, generator=g).to(device)
-        self.gyf = torch.randn(self.rows, d, generator=g).to(device)
+        # in-place ReLU, as the experts use: the tightest dense FFN of stock PyTorch modules,
+        # one per FFN width, over the rows the experts of that width computed
+        rows_of_width = {}
+        for (first, n, f) in self.block.experts.groups:
+            rows_of_width[f] = rows_of_width.get(f, 0) + sum(st.expert_rows[first:first + n])
+        self.floor = []
+        for f, rows in rows_of_width.items():
+            ffn_f = nn.Sequential(nn.Linear(d, f), nn.ReLU(inplace=True), nn.Linear(f, d)).to(device).train()
+            self.floor.append((ffn_f, torch.randn(rows, d, generator=g).to(device),
+                               torch.randn(rows, d, generator=g).to(device)))
 
     def _params(self, variant):
-        return self.floor.parameters() if variant == "floor" else self.block.parameters()
+        if variant == "floor":
+            return [p for ffn_f, _, _ in self.floor for p in ffn_f.parameters()]
+        return self.block.parameters()
 
     def call(self, variant, mode):
         for p in self._params(variant):
             p.grad = None
         if variant == "floor":
-            if mode == "fwd":
-                with torch.no_grad():
-                    return self.floor(self.xf)
-            x = self.xf.detach().requires_grad_()
-            self.floor(x).backward(self.gyf)
-            return x.grad
+            for ffn_f, xf, gyf in self.floor:
+                if mode == "fwd":
+                    with torch.no_grad():
+                        ffn_f(xf)
+                else:
+                    x = xf.detach().requires_grad_()
+                    ffn_f(x).backward(gyf)
+            return None
         fwd = self.block if variant == "ours" else (lambda x: onehot_smoe_forward(self.block, x))
         if mode == "fwd":
             with torch.no_grad():
@@ -324,10 +337,12 @@ def run(names, tokens, reps, warmup, device, log=print, skews=("balanced",), pha
 
 
 def time_case(case, mode, reps, warmup, device, log):
-    times = {v: [] for v in VARIANTS}
+    variants = VARIANTS if case.has_onehot else ("ours", "floor")
+    times = {v: [] for v in variants}
     peaks = {}
     for i in range(warmup + reps):
-        order = VARIANTS[i % 3:] + VARIANTS[: i % 3]  # rotate, so noise hits all alike
+        k = i % len(variants)
+        order = variants[k:] + variants[:k]  # rotate, so noise hits all alike
         for v in order:
             if i == 0 and v != "floor":
                 peaks[v] = peak_mb(lambda: case.call(v, mode), device)
@@ -338,23 +353,28 @@ def time_case(case, mode, reps, warmup, device, log):
             sync(device)
             if i >= warmup:
                 times[v].append(time.perf_counter() - t0)
-    ms = {v: 1000 * statistics.median(times[v]) for v in VARIANTS}
+    ms = {v: 1000 * statistics.median(times[v]) for v in variants}
+    onehot = "onehot" in ms
     r = {
         "config": case.name, "mode": mode, "phase": case.phase, "skew": case.skew,
         "ours_ms": round(ms["ours"], 2), "floor_ms": round(ms["floor"], 2),
-        "onehot_ms": round(ms["onehot"], 2),
+        "onehot_ms": round(ms["onehot"], 2) if onehot else None,
         "ours_over_floor": round(ms["ours"] / ms["floor"], 3),
-        "onehot_over_ours": round(ms["onehot"] / ms["ours"], 3),
-        "ours_peak_mb": round(peaks["ours"], 1), "onehot_peak_mb": round(peaks["onehot"], 1),
+        "onehot_over_ours": round(ms["onehot"] / ms["ours"], 3) if onehot else None,
+        "ours_peak_mb": round(peaks["ours"], 1), "onehot_peak_mb": round(peaks["onehot"], 1) if onehot else None,
         "tokens": case.x.shape[0] * case.x.shape[1], "rows": case.rows,
         "passes_per_token": round(case.passes, 3), "dropped_frac": round(case.drop_frac, 4),
         "imbalance": round(case.imbalance, 2), "reps": reps, "threads": torch.get_num_threads(),
     }
     log(f"  {mode:8s} ours {r['ours_ms']:9.1f} ms  floor {r['floor_ms']:9.1f} ms  "
-        f"onehot {r['onehot_ms']:9.1f} ms  ours/floor {r['ours_over_floor']:.2f}  "
-        f"onehot/ours {r['onehot_over_ours']:.2f}  peak MB ours {r['ours_peak_mb']:.0f} "
-        f"onehot {r['onehot_peak_mb']:.0f}")
+        f"onehot {_fmt(r['onehot_ms'], '9.1f')} ms  ours/floor {r['ours_over_floor']:.2f}  "
+        f"onehot/ours {_fmt(r['onehot_over_ours'], '.2f')}  peak MB ours {r['ours_peak_mb']:.0f} "
+        f"onehot {_fmt(r['onehot_peak_mb'], '.0f')}")
     return r
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
 
 
 def table(results) -> str:
@@ -365,9 +385,9 @@ def table(results) -> str:
         rel = r.get("per_row_over_balanced")
         lines.append(
             f"| {r['config']} | {r['phase']} | {r['skew']} | {r['mode']} | {r['ours_ms']:.1f} | "
-            f"{r['floor_ms']:.1f} | {r['onehot_ms']:.1f} | {r['ours_over_floor']:.2f} | "
-            f"{r['onehot_over_ours']:.2f} | {'' if rel is None else f'{rel:.2f}'} | "
-            f"{r['ours_peak_mb']:.0f} | {r['onehot_peak_mb']:.0f} |"
+            f"{r['floor_ms']:.1f} | {_fmt(r['onehot_ms'], '.1f')} | {r['ours_over_floor']:.2f} | "
+            f"{_fmt(r['onehot_over_ours'], '.2f')} | {'' if rel is None else f'{rel:.2f}'} | "
+            f"{r['ours_peak_mb']:.0f} | {_fmt(r['onehot_peak_mb'], '.0f')} |"
         )
     return "\n".join(lines)
 
@@ -380,7 +400,8 @@ def main(argv=None):
                    help="512 tokens, 1 warm-up + 1 repetition (a smoke run, < 1 min on 2 cores)")
     p.add_argument("--tokens", type=int, default=None, help="tokens per batch (default 4096)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 5)")
-    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset")
+    p.add_argument("--configs", default=",".join(list(CONFIGS)[:4]),
+                   help=f"comma-separated, of {', '.join(CONFIGS)} (default: the first four)")
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op CPU threads (default: torch's, all cores)")
     p.add_argument("--skews", default="balanced",

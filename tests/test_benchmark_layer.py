@@ -100,11 +100,23 @@ def test_quick_json_emits_the_keys():
 
 
 def test_config_names():
-    assert list(benchmark_layer.CONFIGS) == ["m4-4-4", "m4-2-2-2-2", "m15-4-12", "m15-4-4-4-4"]
-    for name, (d, ffn, strata) in benchmark_layer.CONFIGS.items():
-        size, *rest = name.split("-")
+    assert list(benchmark_layer.CONFIGS) == ["m4-4-4", "m4-2-2-2-2", "m15-4-12", "m15-4-4-4-4",
+                                             "m4-4-4-w1024-3072"]
+    for name, (d, ffn, strata, *widths) in benchmark_layer.CONFIGS.items():
+        size, *rest = name.split("-w")[0].split("-")
         assert tuple(int(s) for s in rest) == strata
         assert (d, ffn, sum(strata)) == {"m4": (512, 2048, 8), "m15": (1024, 4096, 16)}[size]
+        if widths:  # as many expert parameters as the uniform config
+            assert sum(n * f for n, f in zip(strata, widths[0])) == sum(strata) * ffn
+
+
+def test_mixed_width_floor_runs_each_width_over_its_rows():
+    case = benchmark_layer.Case("m4-4-4-w1024-3072", 128, torch.device("cpu"), phase="eval")
+    widths = sorted(ffn[0].out_features for ffn, _, _ in case.floor)
+    assert widths == [1024, 3072] and sum(x.size(0) for _, x, _ in case.floor) == case.rows
+    assert not case.has_onehot
+    r = benchmark_layer.time_case(case, "fwd", 1, 1, torch.device("cpu"), lambda s: None)
+    assert r["onehot_ms"] is None and r["ours_ms"] > 0 and r["floor_ms"] > 0
 
 
 @pytest.mark.parametrize("skew,lo,hi", [("balanced", 1.0, 1.6), ("zipf", 2.0, 4.5), ("two", 4.0, 4.0)])

@@ -26,6 +26,7 @@ def smoe_config(args, embed_dim: int, ffn_dim: int) -> SMoEConfig:
         embed_dim=embed_dim,
         ffn_dim=ffn_dim,
         strata=parse_strata(args.smoe_strata, args.moe_expert_count),
+        strata_ffn=parse_widths(args.smoe_strata_ffn),
         top1=args.moe_top1_expert,
         capacity_factor=args.moe_capacity_factor,
         second_expert_policy=args.moe_second_expert_policy,
@@ -43,6 +44,19 @@ def smoe_config(args, embed_dim: int, ffn_dim: int) -> SMoEConfig:
         cmr=args.moe_cmr,
         cmr_gate_drop=args.cmr_gate_drop,
     )
+
+
+def parse_widths(spec):
+    """``--smoe-strata-ffn`` ("512,2048") as a tuple of ints, or None."""
+    if spec is None or str(spec).strip() == "":
+        return None
+    try:
+        return tuple(int(f) for f in str(spec).split(","))
+    except ValueError:
+        raise ValueError(
+            f"--smoe-strata-ffn {spec!r} is not a comma-separated list of integers; give one FFN "
+            f"width per stratum, e.g. --smoe-strata-ffn 256,768"
+        ) from None
 
 
 def check_flags(args) -> None:
@@ -91,6 +105,9 @@ def check_expert_parallel(args, cfg) -> None:
         return  # one process: every expert is local, the flag changes nothing
     experts = cfg.num_experts // cfg.stack
     ep_layout(experts, world, 0)  # raises with E, W and the valid world sizes
+    if len(cfg.expert_widths()) > 1:
+        raise ValueError("--moe-expert-parallel cannot be combined with --smoe-strata-ffn (experts of "
+                         "different widths): give every stratum the same FFN width")
     ddp = getattr(args, "ddp_backend", "legacy_ddp")
     if ddp not in ("legacy_ddp", "no_c10d"):
         raise ValueError(
@@ -161,6 +178,9 @@ class SMoETransformerModel(TransformerModel):
         parser.add_argument("--smoe-strata", type=str, metavar="n1,n2,...",
                             help="experts per stratum in order, summing to --moe-expert-count; "
                             "one stratum = vanilla top-2 MoE (default: one stratum)")
+        parser.add_argument("--smoe-strata-ffn", type=str, metavar="f1,f2,...",
+                            help="FFN width of each stratum's experts, one per stratum (default: "
+                            "every stratum --encoder-ffn-embed-dim / --decoder-ffn-embed-dim)")
         parser.add_argument("--moe-top1-expert", action="store_true",
                             help="Switch-style top-1 routing with --moe-capacity-factor")
         parser.add_argument("--moe-capacity-factor", type=float, metavar="CF",
@@ -317,6 +337,7 @@ def smoe_base_architecture(args):
     _default(args, "moe_expert_count", 8)
     _default(args, "moe_freq", 2)
     _default(args, "smoe_strata", "")
+    _default(args, "smoe_strata_ffn", None)
     _default(args, "moe_capacity_factor", 1.0)
     _default(args, "moe_second_expert_policy", "sampling")
     _default(args, "moe_eom", 0.0)

@@ -54,7 +54,8 @@ class SMoEBlock(nn.Module):
         self.strata_norms = nn.ModuleList(
             [nn.LayerNorm(d) for _ in range(L - 1 + int(cfg.has_exit_norm))]
         )
-        self.experts = StackedExperts(cfg.num_experts, d, cfg.ffn_dim, cfg.activation_dropout, ep=ep)
+        self.experts = StackedExperts(cfg.num_experts, d, cfg.ffn_dim, cfg.activation_dropout, ep=ep,
+                                      widths=cfg.expert_widths())
         self.register_buffer("stratum_of_expert", stratum_map(cfg.strata), persistent=False)
         self.max_passes: Optional[int] = None  # the compute dial (set_max_passes); None = L
 
@@ -123,6 +124,7 @@ class SMoEBlock(nn.Module):
         passes_N = torch.zeros(N, dtype=torch.long, device=dev)
         aux_sum = x_Nd.new_zeros((), dtype=torch.float32)
         assigned = kept = num_passes = 0
+        expert_rows = [0] * cfg.num_experts
         passes_trace: Optional[List[PassTrace]] = [] if trace else None
         left_N = self._pass_budget(N, dev)  # passes each row may still make (None: no cap)
 
@@ -168,6 +170,8 @@ class SMoEBlock(nn.Module):
             if not stats or plan.num_active == 0:
                 continue  # (no rows here: this rank only served the others' exchange)
             num_passes += 1
+            for j, rows in enumerate(plan.slots.counts):
+                expert_rows[plan.slots.first + j] += rows
             if c == 0:
                 passes_N = passes_N + (1 if routed_N is None else routed_N.long())
             else:
@@ -193,7 +197,7 @@ class SMoEBlock(nn.Module):
                        else routed_N.view(T, B)),
             dropped=assigned - kept,
             assigned=assigned,
-            trace=passes_trace,
+            trace=passes_trace, expert_rows=expert_rows,
         )
         return x_Nd.view(T, B, d), stats
 
