@@ -84,6 +84,8 @@ class Shape:
 
 
 def shape_from_args(args, vocab: int) -> Shape:
+    from fairseq.models.transformer import DEFAULT_MAX_SOURCE_POSITIONS, DEFAULT_MAX_TARGET_POSITIONS
+
     from .models.smoe_transformer import parse_widths
     from .modules.config import parse_strata
 
@@ -96,7 +98,9 @@ def shape_from_args(args, vocab: int) -> Shape:
         share_all=bool(args.share_all_embeddings),
         share_dec_io=bool(args.share_all_embeddings or args.share_decoder_input_output_embed),
         learned_pos=bool(getattr(args, "encoder_learned_pos", False)),
-        max_src=args.max_source_positions, max_tgt=args.max_target_positions,
+        # fairseq's defaults when a recipe leaves them unset (TransformerModel.build_model)
+        max_src=getattr(args, "max_source_positions", None) or DEFAULT_MAX_SOURCE_POSITIONS,
+        max_tgt=getattr(args, "max_target_positions", None) or DEFAULT_MAX_TARGET_POSITIONS,
         layernorm_embedding=bool(getattr(args, "layernorm_embedding", False)),
         enc_final_norm=bool(args.encoder_normalize_before),
         dec_final_norm=bool(args.decoder_normalize_before),
