@@ -21,6 +21,12 @@ setup(
         "sacrebleu==2.6.0",
         "sentencepiece==0.2.3",
         "sacremoses==0.2.0",
+        # fairseq-train --tensorboard-logdir: fairseq falls back to tensorboardX when
+        # torch.utils.tensorboard (the tensorboard package) is missing; neither needs torch
+        "tensorboardX==2.6.5",
+        "protobuf==7.36.2",
+        # python -m fairseq_smoe.analyze draws its figures (Agg backend, no display)
+        "matplotlib==3.10.7",
     ],
     # m15: the authors release m15.zip on Google Drive; gdown fetches it (scripts/prepare_data.sh m15)
     extras_require={"test": ["pytest==9.2.0"], "m15": ["gdown==6.5.1"]},

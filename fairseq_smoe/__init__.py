@@ -14,6 +14,7 @@ import torch
 # weights_only=True, so allow exactly that class instead of turning the safe loader off.
 torch.serialization.add_safe_globals([argparse.Namespace])
 
+from . import checkpoint_io, hydra_guard  # noqa: E402,F401  (checked checkpoint reads, atomic saves; hydra refusal)
 from . import criterions, models, tasks  # noqa: E402,F401  (registrations)
 from .translator import SMoETranslator  # noqa: E402,F401  (the Python API)
 

@@ -44,6 +44,7 @@ import sys
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
+from .checkpoint_io import CheckpointError
 from .recipes import RecipeError, load_config
 
 DEFAULT_VOCAB = 32000
@@ -74,6 +75,8 @@ class Shape:
     stack: int
     cmr: bool
     residual: str
+    strata_ffn: Optional[Tuple[int, ...]] = None  # per stratum (None: the side's FFN width)
+    exit_norm: bool = False
 
     @property
     def k(self) -> int:
@@ -81,6 +84,9 @@ class Shape:
 
 
 def shape_from_args(args, vocab: int) -> Shape:
+    from fairseq.models.transformer import DEFAULT_MAX_SOURCE_POSITIONS, DEFAULT_MAX_TARGET_POSITIONS
+
+    from .models.smoe_transformer import parse_widths
     from .modules.config import parse_strata
 
     strata = parse_strata(getattr(args, "smoe_strata", ""), args.moe_expert_count)
@@ -92,13 +98,17 @@ def shape_from_args(args, vocab: int) -> Shape:
         share_all=bool(args.share_all_embeddings),
         share_dec_io=bool(args.share_all_embeddings or args.share_decoder_input_output_embed),
         learned_pos=bool(getattr(args, "encoder_learned_pos", False)),
-        max_src=args.max_source_positions, max_tgt=args.max_target_positions,
+        # fairseq's defaults when a recipe leaves them unset (TransformerModel.build_model)
+        max_src=getattr(args, "max_source_positions", None) or DEFAULT_MAX_SOURCE_POSITIONS,
+        max_tgt=getattr(args, "max_target_positions", None) or DEFAULT_MAX_TARGET_POSITIONS,
         layernorm_embedding=bool(getattr(args, "layernorm_embedding", False)),
         enc_final_norm=bool(args.encoder_normalize_before),
         dec_final_norm=bool(args.decoder_normalize_before),
         moe_freq=args.moe_freq, strata=strata, top1=bool(args.moe_top1_expert),
         stack=int(getattr(args, "moe_stack", 1) or 1), cmr=bool(getattr(args, "moe_cmr", False)),
         residual=getattr(args, "smoe_residual", "official"),
+        strata_ffn=parse_widths(getattr(args, "smoe_strata_ffn", None)),
+        exit_norm=bool(getattr(args, "smoe_exit_norm", False)),
     )
 
 
@@ -129,9 +139,27 @@ def visit_probabilities(strata: Sequence[int]) -> List[float]:
     return [1.0] + [strata[j] / visible[j] for j in range(len(strata) - 1)]
 
 
-def _slot(s: Shape, d: int, f: int, passes: Optional[float]) -> Tuple[float, float]:
+def expert_sizes(s: Shape, d: int, f: int) -> List[int]:
+    """Parameters of each expert of a slot, in expert order (stratum s's experts have width
+    ``strata_ffn[s]``, else the side's FFN width)."""
+    widths = s.strata_ffn or (f,) * len(s.strata)
+    return [_ffn(d, w) for n, w in zip(s.strata, widths) for _ in range(n)]
+
+
+def balanced_expert_use(s: Shape, d: int, f: int) -> float:
+    """Expert parameters a token uses per slot under balanced routing: at every stratum j it
+    visits (probability ``visit_probabilities``), k experts uniformly among the V_j it sees."""
+    sizes = expert_sizes(s, d, f)
+    first = [sum(s.strata[:j]) for j in range(len(s.strata))]
+    return sum(p * s.k * sum(sizes[first[j]:]) / len(sizes[first[j]:])
+               for j, p in enumerate(visit_probabilities(s.strata)))
+
+
+def _slot(s: Shape, d: int, f: int, passes: Optional[float],
+          use: Optional[Sequence[float]] = None) -> Tuple[float, float]:
     """(parameters, active parameters) of one MoE FFN slot. ``passes``: expert passes per
-    token through the slot's routed layers (None: balanced expectation)."""
+    token through the slot's routed layers (None: balanced expectation); ``use``: measured
+    assignments computed per token by each expert (exact whatever the widths and drops)."""
     E, expert = sum(s.strata), _ffn(d, f)
     if s.stack > 1:
         params = _ln(d) + E * d + E * expert  # one pre-LN, N routers of E/N, E experts
@@ -139,11 +167,20 @@ def _slot(s: Shape, d: int, f: int, passes: Optional[float]) -> Tuple[float, flo
         active = _ln(d) + E * d + s.k * used * expert
     else:
         L = len(s.strata)
-        strata_norms = 0 if L == 1 else (L if s.residual == "official" else L - 1)
+        official_exit = s.residual == "official" and L > 1
+        strata_norms = L - 1 + int(official_exit or s.exit_norm)
         routers = sum(d * sum(s.strata[j:]) for j in range(L))
-        params = _ln(d) + routers + strata_norms * _ln(d) + E * expert
-        used = expected_passes(s.strata) if passes is None else passes
-        active = params - E * expert + s.k * used * expert
+        sizes = expert_sizes(s, d, f)
+        params = _ln(d) + routers + strata_norms * _ln(d) + sum(sizes)
+        if use is not None:
+            experts_used = sum(u * size for u, size in zip(use, sizes))
+        elif passes is not None and s.strata_ffn is None:
+            experts_used = s.k * passes * expert
+        elif passes is not None:  # measured passes, balanced choice among the visible widths
+            experts_used = balanced_expert_use(s, d, f) * passes / expected_passes(s.strata)
+        else:
+            experts_used = balanced_expert_use(s, d, f)
+        active = params - sum(sizes) + experts_used
     if s.cmr:
         params += (d + 1) + expert
         active += (d + 1) + expert
@@ -155,9 +192,10 @@ def _is_moe(i: int, moe_freq: int) -> bool:
 
 
 def count(s: Shape, enc_passes: Optional[Sequence[float]] = None,
-          dec_passes: Optional[Sequence[float]] = None) -> Tuple[int, float]:
+          dec_passes: Optional[Sequence[float]] = None, enc_use=None, dec_use=None) -> Tuple[int, float]:
     """(#params, forward FLOPs per token). ``*_passes``: measured expert passes per token of
-    each MoE slot of that side, in layer order (None: balanced expectation)."""
+    each MoE slot of that side, in layer order (None: balanced expectation); ``*_use``: per
+    slot, measured assignments per token of each expert (exact expert FLOPs)."""
     params = active = 0.0
     # embeddings (positions: sinusoidal, no parameters, unless learned)
     emb = s.vocab * s.enc_dim + (0 if s.share_all else s.vocab * s.dec_dim)
@@ -168,9 +206,9 @@ def count(s: Shape, enc_passes: Optional[Sequence[float]] = None,
         emb += _ln(s.enc_dim) + _ln(s.dec_dim)
     params += emb
     active += emb
-    for side, layers, d, f, cross, measured in (
-        ("enc", s.enc_layers, s.enc_dim, s.enc_ffn, False, enc_passes),
-        ("dec", s.dec_layers, s.dec_dim, s.dec_ffn, True, dec_passes),
+    for side, layers, d, f, cross, measured, use in (
+        ("enc", s.enc_layers, s.enc_dim, s.enc_ffn, False, enc_passes, enc_use),
+        ("dec", s.dec_layers, s.dec_dim, s.dec_ffn, True, dec_passes, dec_use),
     ):
         slot_index = 0
         for i in range(layers):
@@ -181,8 +219,9 @@ def count(s: Shape, enc_passes: Optional[Sequence[float]] = None,
             active += attn
             if _is_moe(i, s.moe_freq):
                 passes = None if measured is None else measured[slot_index]
+                slot_use = None if use is None else use[slot_index]
                 slot_index += 1
-                p, a = _slot(s, d, f, passes)
+                p, a = _slot(s, d, f, passes, slot_use)
             else:
                 p = a = _ffn(d, f) + _ln(d)
             params += p
@@ -218,10 +257,12 @@ def config_shape(name: str, vocab: int) -> Shape:
 # ------------------------------------------------------------------------ measured passes
 
 
-def measure_passes(model, task, subset: str = "valid", max_tokens: int = 4096, cuda: bool = False):
+def measure_passes(model, task, subset: str = "valid", max_tokens: int = 4096, cuda: bool = False,
+                   with_use: bool = False):
     """Mean passes per routed token of every MoE slot (teacher forcing on ``subset``):
     ({'encoder': [...], 'decoder': [...]}, tokens seen). A stacked slot's passes are the sum
-    over its layers (1 each)."""
+    over its layers (1 each). ``with_use``: also (third) each one-block slot's assignments per
+    routed token of each expert (None for stacked slots)."""
     import torch
     from fairseq import utils
 
@@ -231,6 +272,7 @@ def measure_passes(model, task, subset: str = "valid", max_tokens: int = 4096, c
     slots = {side: [i for i, layer in enumerate(getattr(model, side).layers) if hasattr(layer, "moe")]
              for side in ("encoder", "decoder")}
     sums = {side: {i: [0.0, 0.0] for i in layers} for side, layers in slots.items()}
+    rows = {side: {i: None for i in layers} for side, layers in slots.items()}
     task.load_dataset(subset)
     itr = task.get_batch_iterator(
         dataset=task.dataset(subset), max_tokens=max_tokens,
@@ -250,8 +292,16 @@ def measure_passes(model, task, subset: str = "valid", max_tokens: int = 4096, c
                 for b in entry.stats.blocks:
                     acc[0] += float(b.passes_TB.sum())
                 acc[1] += float(entry.stats.blocks[0].routed_TB.sum())
+                if len(entry.stats.blocks) == 1:
+                    got = entry.stats.blocks[0].expert_rows
+                    old = rows[entry.side][entry.layer]
+                    rows[entry.side][entry.layer] = got if old is None else [a + b for a, b in zip(old, got)]
+    use = {side: [None if rows[side][i] is None else [r / max(sums[side][i][1], 1) for r in rows[side][i]]
+                  for i in slots[side]] for side in slots}
     sums = {side: [acc[i] for i in slots[side]] for side, acc in sums.items()}
     passes = {side: [p / t if t else 0.0 for p, t in acc] for side, acc in sums.items()}
+    if with_use:
+        return passes, seen, use
     return passes, seen
 
 
@@ -276,9 +326,11 @@ def checkpoint_cost(checkpoint: str, data: str, vocab: Optional[int], subset: st
     shape = shape_from_args(args, vocab)
     if shape.moe_freq <= 0:
         passes = {"encoder": [], "decoder": []}
+        use = {"encoder": None, "decoder": None}
     else:
-        passes, _ = measure_passes(model, task, subset, max_tokens, cuda)
-    params, flops = count(shape, passes["encoder"], passes["decoder"])
+        passes, _, use = measure_passes(model, task, subset, max_tokens, cuda, with_use=True)
+        use = {side: (u if all(x is not None for x in u) else None) for side, u in use.items()}
+    params, flops = count(shape, passes["encoder"], passes["decoder"], use["encoder"], use["decoder"])
     return params, flops, passes
 
 
@@ -334,7 +386,7 @@ def main(argv=None):
                 if shape.moe_freq > 0:
                     rc = expected_passes(shape.strata) if shape.stack == 1 else float(shape.stack)
                 rows.append((name, params, flops, rc))
-    except (RecipeError, ValueError, FileNotFoundError) as err:
+    except (RecipeError, ValueError, FileNotFoundError, CheckpointError) as err:
         sys.exit(f"error: {err}")
 
     if a.json:

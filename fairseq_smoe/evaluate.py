@@ -60,14 +60,12 @@ def read_lines(path):
 def task_args(checkpoint):
     """The checkpoint's state, read once, checked to be of a multilingual task; decoding builds
     every direction's task from the training task saved in it (same languages and tokens)."""
-    import fairseq_smoe  # noqa: F401  (safe globals for torch.load)
+    from .checkpoint_io import CheckpointError, read_checkpoint
 
-    if not os.path.exists(checkpoint):
-        raise EvaluationError(f"checkpoint {checkpoint} does not exist")
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise EvaluationError(f"cannot read checkpoint {checkpoint} ({err}); is it a fairseq checkpoint?") from err
+        state = read_checkpoint(checkpoint)  # names the file and what is wrong with it
+    except CheckpointError as err:
+        raise EvaluationError(str(err)) from err
     training_task_config(state, checkpoint)
     return state
 
@@ -186,7 +184,7 @@ def write_tables(rows, out_dir, notes=()):
 
 
 def evaluate(checkpoint, data_dir, out_dir, beam=5, lenpen=1.0, max_tokens=4096, cpu=None, flores200_spm=None,
-             task_paths=None):
+             task_paths=None, max_passes=None):
     checkpoint, data_dir, out_dir = str(checkpoint), str(data_dir), str(out_dir)
     cpu = (not torch.cuda.is_available()) if cpu is None else cpu
     data_bin = os.path.join(data_dir, "data-bin")
@@ -198,7 +196,7 @@ def evaluate(checkpoint, data_dir, out_dir, beam=5, lenpen=1.0, max_tokens=4096,
     directions = [d for d in read_lines(pairs_file)[0].split(",") if d]
     started = time.perf_counter()
     translator = SMoETranslator(checkpoint, data_dir, device="cpu" if cpu else "cuda", max_tokens=max_tokens,
-                                task_paths=task_paths, state=task_args(checkpoint))
+                                task_paths=task_paths, max_passes=max_passes, state=task_args(checkpoint))
     os.makedirs(out_dir, exist_ok=True)
     spbleu_problem = flores200_ready(flores200_spm)
     if spbleu_problem:
@@ -239,6 +237,9 @@ def main(argv=None):
     p.add_argument("--max-tokens", type=int, default=4096)
     p.add_argument("--cpu", action="store_true", default=None, help="decode on CPU (default: when no GPU)")
     p.add_argument("--flores200-spm", help="sacreBLEU's flores200 SentencePiece model, for spBLEU offline")
+    p.add_argument("--smoe-max-passes", type=int, metavar="K",
+                   help="compute dial: every token leaves each SMoE block after at most K strata passes "
+                   "(default: no cap, the model as trained)")
     for flag in PATH_FLAGS:
         p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, metavar="PATH",
                        help=f"where the file the model was trained with as --{flag.replace('_', '-')} is now, "
@@ -247,7 +248,7 @@ def main(argv=None):
     moved = {flag: getattr(a, flag) for flag in PATH_FLAGS if getattr(a, flag) is not None}
     try:
         _, table = evaluate(a.checkpoint, a.data_dir, a.out_dir, a.beam, a.lenpen, a.max_tokens, a.cpu,
-                            a.flores200_spm, task_paths=moved)
+                            a.flores200_spm, task_paths=moved, max_passes=a.smoe_max_passes)
     except TranslatorError as err:
         sys.exit(f"error: {err}")
     print(table)

@@ -50,30 +50,25 @@ class TranslatorError(RuntimeError):
 
 
 def read_checkpoint(path) -> dict:
-    """The checkpoint's state as fairseq's own loader returns it (upgraded, cfg as OmegaConf)."""
-    from fairseq import checkpoint_utils
+    """The checkpoint's state as fairseq's own loader returns it (upgraded, cfg as OmegaConf);
+    an unreadable file raises one clear error (``fairseq_smoe.checkpoint_io``)."""
+    from .checkpoint_io import CheckpointError, read_checkpoint as read_raw
 
-    import fairseq_smoe  # noqa: F401  (allowlists the argparse.Namespace fairseq pickles)
-
-    path = str(path)
-    if not os.path.isfile(path):
-        raise TranslatorError(f"checkpoint {path} does not exist (or is not a file)")
     try:
-        return checkpoint_utils.load_checkpoint_to_cpu(path)
-    except Exception as err:
-        raise TranslatorError(f"cannot read checkpoint {path} ({type(err).__name__}: {err}); "
-                              f"is it a fairseq checkpoint?") from err
+        return upgrade_state(read_raw(path))
+    except CheckpointError as err:
+        raise TranslatorError(str(err)) from err
 
 
 def upgrade_state(state: dict) -> dict:
-    """A state read with plain ``torch.load`` brought to what ``read_checkpoint`` returns."""
+    """A state read with plain ``torch.load`` brought to what fairseq's
+    ``load_checkpoint_to_cpu`` returns (cfg as OmegaConf, old formats upgraded)."""
     from fairseq import checkpoint_utils
     from omegaconf import DictConfig, OmegaConf
 
     if state.get("cfg") is not None and not isinstance(state["cfg"], DictConfig):
         state["cfg"] = OmegaConf.create(state["cfg"], flags={"allow_objects": True})
-        return checkpoint_utils._upgrade_state_dict(state)
-    return state
+    return checkpoint_utils._upgrade_state_dict(state)
 
 
 def training_task_config(state: dict, checkpoint="checkpoint") -> argparse.Namespace:
@@ -232,12 +227,15 @@ class SMoETranslator:
     ``max_tokens``: batch size in tokens (as ``fairseq-generate --max-tokens``).
     ``task_paths``: new locations of files the training task named, when they have moved since
     training, e.g. ``{"lang_dict": "data/lang_dict.txt"}`` (keys: lang_dict, fixed_dictionary,
-    source_dict, target_dict). ``state``: an already-read checkpoint state (``torch.load``),
-    to avoid reading the file twice.
+    source_dict, target_dict). ``max_passes``: the compute dial (``--smoe-max-passes K``):
+    every token leaves each SMoE block after at most K strata passes; default None, the model as
+    trained (a value saved with the training task is not inherited: it only capped validation).
+    ``state``: an already-read checkpoint state (``torch.load``), to avoid reading the file twice.
     """
 
     def __init__(self, checkpoint, data_dir, spm_model=None, device=None, max_tokens: int = 4096,
-                 task_paths: Optional[Dict[str, str]] = None, state: Optional[dict] = None):
+                 task_paths: Optional[Dict[str, str]] = None, max_passes: Optional[int] = None,
+                 state: Optional[dict] = None):
         from fairseq import checkpoint_utils
 
         import fairseq_smoe  # noqa: F401  (registers the task and model)
@@ -247,6 +245,9 @@ class SMoETranslator:
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise TranslatorError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         self.max_tokens = max_tokens
+        if max_passes is not None and (not isinstance(max_passes, int) or max_passes < 1):
+            raise TranslatorError(f"max_passes must be a positive integer (1..strata), got {max_passes!r}")
+        self.max_passes = max_passes
         self.data_bin, self.spm_model = _data_paths(data_dir, spm_model)
         state = read_checkpoint(self.checkpoint) if state is None else upgrade_state(state)
         self.train_cfg = self._decoding_base(training_task_config(state, self.checkpoint), task_paths or {})
@@ -297,6 +298,7 @@ class SMoETranslator:
             if isinstance(getattr(cfg, flag, None), bool):
                 setattr(cfg, flag, str(getattr(cfg, flag)))
         cfg.data = self.data_bin
+        cfg.smoe_max_passes = self.max_passes  # applied by the task's build_model
         cfg.keep_inference_langtok = False  # hypotheses are text: no language tag in them
         return cfg
 

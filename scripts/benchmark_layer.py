@@ -3,13 +3,17 @@
 
     python scripts/benchmark_layer.py [--device cpu|cuda] [--json] [--quick]
                                       [--tokens N] [--reps N] [--configs m4-4-4,...]
-                                      [--threads N]
+                                      [--threads N] [--skews balanced,zipf,two]
+                                      [--phases train,eval]
 
 For each configuration (M4 size: d 512, FFN 2048, 8 experts in strata 4-4 and 2-2-2-2; M15
-size: d 1024, FFN 4096, 16 experts in strata 4-12 and 4-4-4-4) and each mode (``fwd``: forward
-with autograd off, ``fwd_bwd``: forward + backward of the output and the balance loss), all in
-training mode (capacity applies, dropout 0, deterministic ``all`` second-expert policy), it
-times three variants on the same input and the same routing decisions:
+size: d 1024, FFN 4096, 16 experts in strata 4-12 and 4-4-4-4), routing skew (``balanced``: the
+random router; ``zipf``: every router's logits offset by -2 log(rank), so the busiest expert
+gets several times its share; ``two``: every token's top-2 are its router's first two
+experts) and phase (``train``: capacity applies, modes ``fwd``: forward with autograd off and
+``fwd_bwd``: forward + backward of the output and the balance loss; ``eval``: no capacity,
+``fwd``), with dropout 0 and the deterministic ``all`` second-expert policy, it times three
+variants on the same input and the same routing decisions:
 
 * ``ours``: ``SMoEBlock`` (fairseq_smoe/modules/smoe_block.py);
 * ``floor``: one dense FFN d -> FFN -> d (the experts' shape: ``nn.Linear``, in-place
@@ -20,7 +24,9 @@ times three variants on the same input and the same routing decisions:
   branch: per pass, a one-hot combine tensor of shape (tokens, experts, capacity) built from
   the gate weights (so the gate gradient flows through it), einsum dispatch and combine.
 
-Timings are medians over repetitions after a warm-up; the variants are interleaved (in
+``per_row_over_balanced`` is ours' time per computed expert row over the balanced case's (same
+config, phase and mode): 1.0 = skew costs nothing beyond the rows it adds. Timings are medians
+over repetitions after a warm-up; the variants are interleaved (in
 rotating order) so that machine noise hits them alike, and only ratios measured in the same
 run are reported. Peak memory is the peak of the bytes allocated during one call (forward, or
 forward + backward, whose weight gradients it includes), beyond what was allocated before
@@ -49,11 +55,13 @@ from fairseq_smoe.modules import SMoEBlock, SMoEConfig  # noqa: E402
 from fairseq_smoe.modules.routing import balance_loss, expert_capacity, select_experts  # noqa: E402
 from fairseq_smoe.modules.stats import BlockStats  # noqa: E402
 
-CONFIGS = {  # name: (embed dim, FFN dim, strata)
+CONFIGS = {  # name: (embed dim, FFN dim, strata[, FFN width per stratum])
     "m4-4-4": (512, 2048, (4, 4)),
     "m4-2-2-2-2": (512, 2048, (2, 2, 2, 2)),
     "m15-4-12": (1024, 4096, (4, 12)),
     "m15-4-4-4-4": (1024, 4096, (4, 4, 4, 4)),
+    # strata of different widths, same parameters as m4-4-4 (--smoe-strata-ffn 1024,3072)
+    "m4-4-4-w1024-3072": (512, 2048, (4, 4), (1024, 3072)),
 }
 MODES = ("fwd", "fwd_bwd")
 VARIANTS = ("ours", "floor", "onehot")
@@ -100,7 +108,7 @@ def onehot_smoe_forward(block: SMoEBlock, x_TBd: Tensor, padding_mask_BT: Tensor
         first, V = cfg.first_expert(c), cfg.visible_experts(c)
         xs_Sd = x_Nd.index_select(0, idx_S)
         u_Sd = block.pre_norm(c)(xs_Sd)
-        logits = F.linear(u_Sd.float(), block.routers[c].weight.float())
+        logits = block.router_logits(c, u_Sd)
         noisy = block.training or cfg.inference_noise
         probs_SV, experts_KS, gates_KS, keep_KS = select_experts(
             logits, cfg.k, cfg.second_expert_policy, noisy
@@ -211,44 +219,88 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-class Case:
-    """One configuration: the block, its input, the floor FFN and its rows."""
+SKEWS = ("balanced", "zipf", "two")
+PHASES = ("train", "eval")
 
-    def __init__(self, name, tokens, device, seed=0):
-        d, ffn, strata = CONFIGS[name]
+
+def skew_offsets(skew: str, V: int) -> Tensor:
+    """Logit offsets that skew one router's top-1 choices over its V experts: ``balanced``
+    none (a random router is roughly balanced); ``zipf``: log(1 / rank) (first expert most,
+    share falling roughly as 1/rank); ``two``: every token's top-2 are the first two experts."""
+    if skew == "balanced":
+        return torch.zeros(V)
+    if skew == "zipf":
+        return -torch.log(torch.arange(1, V + 1, dtype=torch.float32)) * 2.0
+    if skew == "two":
+        return torch.tensor([30.0, 29.0] + [0.0] * (V - 2))[:V]
+    raise ValueError(f"unknown skew {skew!r}; choose from {', '.join(SKEWS)}")
+
+
+def skew_router(block: SMoEBlock, skew: str) -> None:
+    """Add ``skew_offsets`` to the logits of every router of ``block`` (benchmark only)."""
+    if skew == "balanced":
+        return
+    offsets = [skew_offsets(skew, r.out_features).to(r.weight.device) for r in block.routers]
+    plain = block.router_logits
+    block.router_logits = lambda c, u: plain(c, u) + offsets[c]
+
+
+class Case:
+    """One configuration: the block (routing skewed as asked, training or evaluation mode), its
+    input, the floor FFN and its rows."""
+
+    def __init__(self, name, tokens, device, seed=0, skew="balanced", phase="train"):
+        d, ffn, strata, *widths = CONFIGS[name]
         torch.manual_seed(seed)
-        self.name, self.device = name, device
-        cfg = SMoEConfig(embed_dim=d, ffn_dim=ffn, strata=strata, second_expert_policy="all")
-        self.block = SMoEBlock(cfg).to(device).train()
+        self.name, self.device, self.skew, self.phase = name, device, skew, phase
+        cfg = SMoEConfig(embed_dim=d, ffn_dim=ffn, strata=strata, second_expert_policy="all",
+                         strata_ffn=widths[0] if widths else None)
+        self.has_onehot = not widths  # the one-hot baseline runs one FFN width only
+        self.block = SMoEBlock(cfg).to(device).train(phase == "train")
+        skew_router(self.block, skew)
         B = math.gcd(tokens, 32)
         T = tokens // B
         g = torch.Generator().manual_seed(seed + 1)
         self.x = torch.randn(T, B, d, generator=g).to(device)
         self.gy = torch.randn(T, B, d, generator=g).to(device)
         with torch.no_grad():
-            _, st = self.block(self.x)
+            _, st = self.block(self.x, trace=True)
         self.rows = st.assigned - st.dropped
         self.passes = float(st.passes_TB.float().mean())
         self.drop_frac = st.dropped / max(st.assigned, 1)
-        # in-place ReLU, as the experts use: the tightest dense FFN of stock PyTorch modules
-        self.floor = nn.Sequential(nn.Linear(d, ffn), nn.ReLU(inplace=True), nn.Linear(ffn, d))
-        self.floor.to(device).train()
-        self.xf = torch.randn(self.rows, d, generator=g).to(device)
-        self.gyf = torch.randn(self.rows, d, generator=g).to(device)
+        # load imbalance of the first pass: the busiest expert's share of the assignments
+        # over the mean share (1 = balanced; V = everything on one expert)
+        tr = st.trace[0]
+        loads = torch.bincount((tr.experts_Kn - tr.first)[tr.kept_Kn], minlength=tr.probs_nV.size(1))
+        self.imbalance = float(loads.max() / loads.float().mean())
+        # in-place ReLU, as the experts use: the tightest dense FFN of stock PyTorch modules,
+        # one per FFN width, over the rows the experts of that width computed
+        rows_of_width = {}
+        for (first, n, f) in self.block.experts.groups:
+            rows_of_width[f] = rows_of_width.get(f, 0) + sum(st.expert_rows[first:first + n])
+        self.floor = []
+        for f, rows in rows_of_width.items():
+            ffn_f = nn.Sequential(nn.Linear(d, f), nn.ReLU(inplace=True), nn.Linear(f, d)).to(device).train()
+            self.floor.append((ffn_f, torch.randn(rows, d, generator=g).to(device),
+                               torch.randn(rows, d, generator=g).to(device)))
 
     def _params(self, variant):
-        return self.floor.parameters() if variant == "floor" else self.block.parameters()
+        if variant == "floor":
+            return [p for ffn_f, _, _ in self.floor for p in ffn_f.parameters()]
+        return self.block.parameters()
 
     def call(self, variant, mode):
         for p in self._params(variant):
             p.grad = None
         if variant == "floor":
-            if mode == "fwd":
-                with torch.no_grad():
-                    return self.floor(self.xf)
-            x = self.xf.detach().requires_grad_()
-            self.floor(x).backward(self.gyf)
-            return x.grad
+            for ffn_f, xf, gyf in self.floor:
+                if mode == "fwd":
+                    with torch.no_grad():
+                        ffn_f(xf)
+                else:
+                    x = xf.detach().requires_grad_()
+                    ffn_f(x).backward(gyf)
+            return None
         fwd = self.block if variant == "ours" else (lambda x: onehot_smoe_forward(self.block, x))
         if mode == "fwd":
             with torch.no_grad():
@@ -259,59 +311,83 @@ class Case:
         return x.grad
 
 
-def run(names, tokens, reps, warmup, device, log=print):
-    """Time every variant of every configuration; the first (warm-up) call of ``ours`` and
-    ``onehot`` also measures their peak memory (it is not timed)."""
+def run(names, tokens, reps, warmup, device, log=print, skews=("balanced",), phases=("train",)):
+    """Time every variant of every configuration, routing skew and phase (training: forward
+    and forward + backward; evaluation: forward, no capacity limit); the first (warm-up) call
+    of ``ours`` and ``onehot`` also measures their peak memory (it is not timed)."""
     assert warmup >= 1
     results = []
     for name in names:
-        case = Case(name, tokens, device)
-        log(f"# {name}: {tokens} tokens, {case.rows} expert rows computed "
-            f"({case.passes:.2f} passes/token, {100 * case.drop_frac:.1f}% assignments dropped)")
-        for mode in MODES:
-            times = {v: [] for v in VARIANTS}
-            peaks = {}
-            for i in range(warmup + reps):
-                order = VARIANTS[i % 3:] + VARIANTS[: i % 3]  # rotate, so noise hits all alike
-                for v in order:
-                    if i == 0 and v != "floor":
-                        peaks[v] = peak_mb(lambda: case.call(v, mode), device)
-                        continue
-                    sync(device)
-                    t0 = time.perf_counter()
-                    case.call(v, mode)
-                    sync(device)
-                    if i >= warmup:
-                        times[v].append(time.perf_counter() - t0)
-            ms = {v: 1000 * statistics.median(times[v]) for v in VARIANTS}
-            r = {
-                "config": name, "mode": mode,
-                "ours_ms": round(ms["ours"], 2), "floor_ms": round(ms["floor"], 2),
-                "onehot_ms": round(ms["onehot"], 2),
-                "ours_over_floor": round(ms["ours"] / ms["floor"], 3),
-                "onehot_over_ours": round(ms["onehot"] / ms["ours"], 3),
-                "ours_peak_mb": round(peaks["ours"], 1), "onehot_peak_mb": round(peaks["onehot"], 1),
-                "tokens": tokens, "rows": case.rows, "passes_per_token": round(case.passes, 3),
-                "dropped_frac": round(case.drop_frac, 4), "reps": reps,
-            }
-            log(f"  {mode:8s} ours {r['ours_ms']:9.1f} ms  floor {r['floor_ms']:9.1f} ms  "
-                f"onehot {r['onehot_ms']:9.1f} ms  ours/floor {r['ours_over_floor']:.2f}  "
-                f"onehot/ours {r['onehot_over_ours']:.2f}  peak MB ours {r['ours_peak_mb']:.0f} "
-                f"onehot {r['onehot_peak_mb']:.0f}")
-            results.append(r)
-        del case
+        for phase in phases:
+            for skew in skews:
+                case = Case(name, tokens, device, skew=skew, phase=phase)
+                log(f"# {name} {phase} {skew}: {tokens} tokens, {case.rows} expert rows computed "
+                    f"({case.passes:.2f} passes/token, {100 * case.drop_frac:.1f}% assignments "
+                    f"dropped, busiest expert {case.imbalance:.2f}x the mean load)")
+                for mode in (MODES if phase == "train" else ("fwd",)):
+                    results.append(time_case(case, mode, reps, warmup, device, log))
+                del case
+    for r in results:  # time per expert row, relative to the balanced case of the same rows
+        base = next((b for b in results if (b["config"], b["mode"], b["phase"], b["skew"])
+                     == (r["config"], r["mode"], r["phase"], "balanced")), None)
+        r["per_row_over_balanced"] = (
+            round((r["ours_ms"] / r["rows"]) / (base["ours_ms"] / base["rows"]), 3) if base else None
+        )
     return results
 
 
+def time_case(case, mode, reps, warmup, device, log):
+    variants = VARIANTS if case.has_onehot else ("ours", "floor")
+    times = {v: [] for v in variants}
+    peaks = {}
+    for i in range(warmup + reps):
+        k = i % len(variants)
+        order = variants[k:] + variants[:k]  # rotate, so noise hits all alike
+        for v in order:
+            if i == 0 and v != "floor":
+                peaks[v] = peak_mb(lambda: case.call(v, mode), device)
+                continue
+            sync(device)
+            t0 = time.perf_counter()
+            case.call(v, mode)
+            sync(device)
+            if i >= warmup:
+                times[v].append(time.perf_counter() - t0)
+    ms = {v: 1000 * statistics.median(times[v]) for v in variants}
+    onehot = "onehot" in ms
+    r = {
+        "config": case.name, "mode": mode, "phase": case.phase, "skew": case.skew,
+        "ours_ms": round(ms["ours"], 2), "floor_ms": round(ms["floor"], 2),
+        "onehot_ms": round(ms["onehot"], 2) if onehot else None,
+        "ours_over_floor": round(ms["ours"] / ms["floor"], 3),
+        "onehot_over_ours": round(ms["onehot"] / ms["ours"], 3) if onehot else None,
+        "ours_peak_mb": round(peaks["ours"], 1), "onehot_peak_mb": round(peaks["onehot"], 1) if onehot else None,
+        "tokens": case.x.shape[0] * case.x.shape[1], "rows": case.rows,
+        "passes_per_token": round(case.passes, 3), "dropped_frac": round(case.drop_frac, 4),
+        "imbalance": round(case.imbalance, 2), "reps": reps, "threads": torch.get_num_threads(),
+    }
+    log(f"  {mode:8s} ours {r['ours_ms']:9.1f} ms  floor {r['floor_ms']:9.1f} ms  "
+        f"onehot {_fmt(r['onehot_ms'], '9.1f')} ms  ours/floor {r['ours_over_floor']:.2f}  "
+        f"onehot/ours {_fmt(r['onehot_over_ours'], '.2f')}  peak MB ours {r['ours_peak_mb']:.0f} "
+        f"onehot {_fmt(r['onehot_peak_mb'], '.0f')}")
+    return r
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
 def table(results) -> str:
-    head = ("| config | mode | ours ms | floor ms | one-hot ms | ours/floor | one-hot/ours "
-            "| ours peak MB | one-hot peak MB |")
-    lines = [head, "|" + "---|" * 9]
+    head = ("| config | phase | skew | mode | ours ms | floor ms | one-hot ms | ours/floor | "
+            "one-hot/ours | per row vs balanced | ours peak MB | one-hot peak MB |")
+    lines = [head, "|" + "---|" * 12]
     for r in results:
+        rel = r.get("per_row_over_balanced")
         lines.append(
-            f"| {r['config']} | {r['mode']} | {r['ours_ms']:.1f} | {r['floor_ms']:.1f} | "
-            f"{r['onehot_ms']:.1f} | {r['ours_over_floor']:.2f} | {r['onehot_over_ours']:.2f} | "
-            f"{r['ours_peak_mb']:.0f} | {r['onehot_peak_mb']:.0f} |"
+            f"| {r['config']} | {r['phase']} | {r['skew']} | {r['mode']} | {r['ours_ms']:.1f} | "
+            f"{r['floor_ms']:.1f} | {_fmt(r['onehot_ms'], '.1f')} | {r['ours_over_floor']:.2f} | "
+            f"{_fmt(r['onehot_over_ours'], '.2f')} | {'' if rel is None else f'{rel:.2f}'} | "
+            f"{r['ours_peak_mb']:.0f} | {_fmt(r['onehot_peak_mb'], '.0f')} |"
         )
     return "\n".join(lines)
 
@@ -324,9 +400,14 @@ def main(argv=None):
                    help="512 tokens, 1 warm-up + 1 repetition (a smoke run, < 1 min on 2 cores)")
     p.add_argument("--tokens", type=int, default=None, help="tokens per batch (default 4096)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 5)")
-    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset")
+    p.add_argument("--configs", default=",".join(list(CONFIGS)[:4]),
+                   help=f"comma-separated, of {', '.join(CONFIGS)} (default: the first four)")
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op CPU threads (default: torch's, all cores)")
+    p.add_argument("--skews", default="balanced",
+                   help=f"comma-separated routing skews of {', '.join(SKEWS)} (default balanced)")
+    p.add_argument("--phases", default="train",
+                   help="train (capacity, fwd and fwd_bwd) and/or eval (no capacity, fwd) (default train)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
@@ -340,11 +421,17 @@ def main(argv=None):
     for n in names:
         if n not in CONFIGS:
             p.error(f"unknown config {n!r}; choose from {', '.join(CONFIGS)}")
+    skews = [k for k in args.skews.split(",") if k]
+    phases = [k for k in args.phases.split(",") if k]
+    for values, known, flag in ((skews, SKEWS, "--skews"), (phases, PHASES, "--phases")):
+        for v in values:
+            if v not in known:
+                p.error(f"{flag}: unknown {v!r}; choose from {', '.join(known)}")
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
     log(f"# device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{reps} repetitions after {warmup} warm-up, medians")
     t0 = time.time()
-    results = run(names, tokens, reps, warmup, device, log)
+    results = run(names, tokens, reps, warmup, device, log, skews=skews, phases=phases)
     log(f"# total {time.time() - t0:.0f} s")
     if args.json:
         print(json.dumps(results, indent=1))

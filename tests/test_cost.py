@@ -131,6 +131,9 @@ def parse(data, *extra):
     ["--share-decoder-input-output-embed", "--moe-top1-expert"],  # two tables
     [],  # untied output projection
     ["--share-all-embeddings", "--encoder-learned-pos", "--decoder-learned-pos", "--layernorm-embedding"],
+    ["--share-all-embeddings", "--smoe-strata", "1,3", "--smoe-strata-ffn", "16,96"],
+    ["--share-all-embeddings", "--smoe-strata", "2,1,1", "--smoe-strata-ffn", "96,16,16", "--moe-cmr"],
+    ["--share-all-embeddings", "--smoe-exit-norm"],
 ])
 def test_param_count_matches_a_real_model(data_dir, flags):
     args = parse(data_dir, *flags)
@@ -182,3 +185,45 @@ def test_measured_equals_balanced_for_one_stratum(data_dir, capsys):
     (row,) = json.loads(capsys.readouterr().out)
     params, flops = count(shape_from_args(args, len(task.source_dictionary)))
     assert row == {"config": "m4/moe-like", "params": params, "flops_per_token": int(round(flops))}
+
+
+def test_heterogeneous_widths_balanced_flops_by_hand(data_dir):
+    """Strata 1,3 with widths 16, 96 (d 32): stratum 0 sees all 4 experts (mean size over
+    1 x ffn(16) + 3 x ffn(96)), stratum 1 (visited with probability 1/4) sees the 3 wide ones;
+    top-2 at each pass. Against the uniform-width model, only the expert term differs."""
+    ffn = lambda d, f: 2 * d * f + f + d  # noqa: E731
+    args = parse(data_dir, "--share-all-embeddings", "--smoe-strata", "1,3", "--smoe-strata-ffn", "16,96")
+    tasks.setup_task(args).build_model(args)  # the architecture fills in the defaults
+    het = shape_from_args(args, 100)
+    args_uni = parse(data_dir, "--share-all-embeddings", "--smoe-strata", "1,3")
+    tasks.setup_task(args_uni).build_model(args_uni)
+    uni = shape_from_args(args_uni, 100)
+    per_slot_het = 2 * ((ffn(32, 16) + 3 * ffn(32, 96)) / 4 + 0.25 * ffn(32, 96))
+    per_slot_uni = 2 * 1.25 * ffn(32, 64)
+    diff = count(het)[1] - count(uni)[1]
+    assert diff == pytest.approx(2 * 2 * (per_slot_het - per_slot_uni))  # 2 FLOPs/param, 2 slots
+
+
+def test_measured_flops_count_each_experts_rows_at_its_width(data_dir, capsys):
+    """Zero stratum-0 routers send every token's top-1 to expert 0 (the narrow one, stratum 0)
+    and its top-2 to expert 1: every token makes both passes; the measured expert FLOPs are
+    exactly the computed rows times each expert's size."""
+    ffn = lambda d, f: 2 * d * f + f + d  # noqa: E731
+    args = parse(data_dir, "--share-all-embeddings", "--smoe-strata", "1,3", "--smoe-strata-ffn", "16,96")
+    task = tasks.setup_task(args)
+    torch.manual_seed(0)
+    model = task.build_model(args)
+    for side in ("encoder", "decoder"):
+        for block in model.smoe_blocks(side):
+            torch.nn.init.zeros_(block.routers[0].weight)
+    ckpt = data_dir / "het.pt"
+    save_checkpoint(model, args, ckpt)
+    main(["--checkpoint", str(ckpt), "--data", str(data_dir), "--json"])
+    (row,) = json.loads(capsys.readouterr().out)
+    shape = shape_from_args(args, len(task.source_dictionary))
+    params, balanced = count(shape)
+    # pass 0: experts 0 (narrow) and 1 (wide) per token; pass 1: two of the 3 wide ones
+    measured_slot = ffn(32, 16) + ffn(32, 96) + 2 * ffn(32, 96)
+    balanced_slot = 2 * ((ffn(32, 16) + 3 * ffn(32, 96)) / 4 + 0.25 * ffn(32, 96))
+    assert row["flops_per_token"] == pytest.approx(balanced + 2 * 2 * (measured_slot - balanced_slot), abs=2)
+    assert row["params"] == params

@@ -12,7 +12,7 @@ import fairseq_smoe  # noqa: F401
 import fairseq_smoe.criterions.smoe_label_smoothed_cross_entropy as criterion_module
 from fairseq import options, tasks
 from fairseq_smoe.modules import SMoEBlock, SMoEConfig
-from fairseq_smoe.modules.routing import host_reads
+from fairseq_smoe.modules.host_sync import HostSyncAudit, host_reads
 from fairseq_smoe.modules.stats import recording
 
 D, FFN = 8, 16
@@ -217,7 +217,7 @@ def test_without_an_open_record_nothing_is_kept(dict_dir):
     model.eval()
     s = sample(task)["net_input"]
     with torch.no_grad():
-        enc = model.encoder(s["src_tokens"], src_lengths=s["src_lengths"])  # no record: dropped
+        model.encoder(s["src_tokens"], src_lengths=s["src_lengths"])  # no record: nothing kept
         _, extra = model(**s)
     assert len(extra["routing"]) == 2  # only this forward's two slots
     for m in model.modules():
@@ -233,13 +233,30 @@ def test_dense_model_has_no_record(dict_dir):
     assert "moe_gate_loss" not in log
 
 
-def test_one_host_read_per_pass():
-    """The counts a pass needs on the host come in one read (routing.read_to_host)."""
+@pytest.mark.parametrize("training", (True, False))
+@pytest.mark.parametrize("kw", [{}, {"top1": True}, {"eval_capacity_token_fraction": 0.5},
+                                {"second_expert_policy": "random"}, {"dropless": True}])
+def test_one_host_read_per_pass_and_no_other(training, kw):
+    """Forward and backward of a block read the device back exactly once per pass (the
+    deliberate read_to_host) and run no operator that reads back on CUDA (nonzero, item,
+    bincount, boolean masks, ...): HostSyncAudit watches for them on CPU too."""
+    if training and "eval_capacity_token_fraction" in kw:
+        return
     torch.manual_seed(0)
-    block = SMoEBlock(SMoEConfig(D, FFN, (2, 2, 2, 2))).train()
+    block = SMoEBlock(SMoEConfig(D, FFN, (2, 2, 2, 2), **kw)).train(training)
+    x = torch.randn(9, 4, D, requires_grad=True)
+    pad = torch.zeros(4, 9, dtype=torch.bool)
+    pad[2, 6:] = True
     before = host_reads()
-    _, stats = block(torch.randn(9, 4, D), trace=True)
+    with HostSyncAudit() as audit:
+        out, stats = block(x, pad, trace=True)
+        (out.sum() + stats.aux_loss).backward()
     assert host_reads() - before == len(stats.trace) >= 2
+    assert audit.seen == []
+    # the audit does see such an operator
+    with HostSyncAudit() as audit:
+        torch.nonzero(stats.passes_TB), stats.aux_loss.item()
+    assert audit.seen == ["aten::nonzero", "aten::_local_scalar_dense"]
 
 
 # ----------------------------------------------------------------------------- exit norm

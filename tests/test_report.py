@@ -99,3 +99,79 @@ def test_spbleu_uses_the_given_flores200_model(tmp_path, monkeypatch):
     piece = lambda lines: [" ".join(sp.encode(l, out_type=str)) for l in lines]
     assert got == pytest.approx(sacrebleu.corpus_bleu(piece(hyps), [piece(refs)], tokenize="none").score)
     assert got != pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
+
+
+def seed_runs(tmp_path, name, per_seed, layout="{name}-seed{i}/eval"):
+    """One scores.csv per seed: per_seed[i] = {direction: spm_bleu}."""
+    return [str(write_scores(tmp_path / layout.format(name=name, i=i + 1), v)) for i, v in enumerate(per_seed)]
+
+
+def test_seed_mean_and_std_by_hand(tmp_path, capsys):
+    b = benchmarks.get("m4")
+    # seed k scores 29+k in every direction, except nso-eng: 10, 20, 60
+    per_seed = [{d: (x if d == "nso-eng" else 29.0 + k) for d in b.directions()}
+                for k, x in zip((1, 2, 3), (10.0, 20.0, 60.0))]
+    dirs = seed_runs(tmp_path, "smoe-2-2-2-2", per_seed)
+    moe = write_scores(tmp_path / "moe" / "eval", {d: 25.0 for d in b.directions()})
+    systems = [report.load_system(n, p) for n, p in report.group_systems(dirs + [str(moe)], seeds=True)]
+    assert [(s.name, s.n) for s in systems] == [("smoe-2-2-2-2", 3), ("moe", 1)]
+    cols = report.system_columns(systems[0], b, "spm_bleu")
+    # nso-eng: mean 30, std sqrt((20^2 + 10^2 + 30^2) / 2) = sqrt(700) = 26.458
+    assert cols["nso-eng"] == pytest.approx((30.0, 26.4575131))
+    assert cols["eng-cat"] == pytest.approx((31.0, 1.0))  # 30, 31, 32
+    # avg per seed: (10 + 7*30)/8 = 27.5, (20 + 7*31)/8 = 29.625, (60 + 7*32)/8 = 35.5
+    # -> mean 30.875, std sqrt((3.375^2 + 1.25^2 + 4.625^2) / 2) = sqrt(17.171875) = 4.1439
+    assert cols["avg"] == pytest.approx((30.875, 4.1438961))
+    report.main(["m4", *dirs, str(moe), "--seeds"])
+    out = capsys.readouterr().out
+    assert "| smoe-2-2-2-2 (ours, n=3) | 30.00 ± 26.46 | 31.00 ± 1.00 |" in out and "| 30.88 ± 4.14 |" in out
+    assert "| moe (ours, n=1) | 25.00 | 25.00 |" in out
+    assert "| smoe-2-2-2-2 (paper) | 30.96 |" in out
+    assert "mean ± sample standard deviation (n-1) over n training seeds" in out
+
+
+def test_seed_group_means_by_resource_group(tmp_path):
+    b = benchmarks.get("m15")
+    runs = [{d: float(i + k) for i, d in enumerate(b.directions())} for k in (0, 2)]
+    system = report.load_system("smoe-4-12", seed_runs(tmp_path, "smoe-4-12", runs))
+    cols = report.system_columns(system, b, "spm_bleu")
+    high = [runs[0][f"eng-{l}"] for l in ("ind", "msa", "isl", "slv", "tgl")]
+    # the two seeds' e2x_high means differ by 2: mean +1, sample std sqrt(2)
+    assert cols["e2x_high"] == pytest.approx((statistics.mean(high) + 1, 2 ** 0.5))
+
+
+def test_seed_naming_conventions(tmp_path):
+    assert report.system_name("runs/m4/moe-seed2/eval", seeds=True)[0] == "moe"
+    assert report.system_name("runs/m4/moe_seed13", seeds=True)[0] == "moe"
+    assert report.system_name("runs/m4/moe/seed2/eval", seeds=True)[0] == "moe"
+    assert report.system_name("runs/m4/moe-seed2/eval")[0] == "moe-seed2"  # only with --seeds
+    assert report.system_name("runs/m4/seed2/eval", seeds=True)[0] == "m4"
+    assert report.group_systems(["moe=a,b", "moe=c", "smoe=d"], seeds=True) == [("moe", ["a", "b", "c"]), ("smoe", ["d"])]
+    with pytest.raises(report.ReportError, match=r"system 'moe' has 2 result directories \(a, b\); pass --seeds"):
+        report.group_systems(["moe=a,b"])
+    with pytest.raises(report.ReportError, match=r"pass --seeds"):
+        report.group_systems(["runs/moe/eval", "other/moe/eval"])
+    with pytest.raises(report.ReportError, match=r"system 'moe': runs/x/ is given more than once"):
+        report.group_systems(["moe=runs/x,runs/x/"], seeds=True)
+
+
+def test_seed_runs_must_cover_the_same_directions(tmp_path, capsys):
+    b = benchmarks.get("m4")
+    full = {d: 30.0 for d in b.directions()}
+    dirs = seed_runs(tmp_path, "moe", [full, {d: v for d, v in full.items() if d not in ("eng-cat", "eng-tgl")}])
+    with pytest.raises(SystemExit, match=r"moe: its 2 seed runs were scored on different directions \(.*moe-seed2/eval "
+                                         r"lacks eng-tgl, eng-cat\); evaluate every run on the same directions"):
+        report.main(["m4", *dirs, "--seeds"])
+    other = seed_runs(tmp_path / "o", "moe", [full, full])
+    with open(Path(other[1]) / "scores.csv") as f:
+        text = f.read().replace("nso-eng,10,", "nso-eng,12,")
+    (Path(other[1]) / "scores.csv").write_text(text)
+    with pytest.raises(report.ReportError, match=r"nso-eng test sets of different sizes \(.*: 10, .*: 12 lines\)"):
+        report.load_system("moe", other)
+
+
+def test_baseline_must_be_a_system_of_the_table(tmp_path):
+    b = benchmarks.get("m4")
+    a = write_scores(tmp_path / "moe", {d: 30.0 for d in b.directions()})
+    with pytest.raises(SystemExit, match=r"--baseline 'dense' is not one of the systems in the table \(moe, smoe\)"):
+        report.main(["m4", str(a), f"smoe={a}", "--baseline", "dense", "--data", str(tmp_path), "--metric", "bleu"])

@@ -251,16 +251,18 @@ def test_plan_pass_hand_example_training_capacity():
     plan = plan_pass(PROBS3.log(), torch.arange(3), stratum=0, strata=(2, 2),
                      rule=CapacityRule(training=True), k=2)
     assert plan.experts_Kn.tolist() == [[0, 0, 0], [1, 3, 1]]
-    assert plan.loads == [3, 2, 0, 1] and plan.slots.C == 2
+    assert plan.loads == [3, 2, 0, 1] and plan.slots.counts == [2, 2, 0, 1]  # kept rows per expert
     assert plan.kept_Kn.tolist() == [[True, True, False], [True, True, True]]
     assert (plan.assigned, plan.kept, plan.num_active) == (6, 5, 3)
     torch.testing.assert_close(plan.g_Kn, torch.tensor([[0.5 / 0.8, 0.4 / 0.7, 0.0], [0.3 / 0.8, 0.3 / 0.7, 1.0]]))
     # next stratum from the top-1 (e0, stratum 0 -> 1), also for t2 whose top-1 was dropped
     assert plan.next_n.tolist() == [1, 1, 1] and plan.next_counts == [0, 3, 0]
-    # slots e*C + position; the dropped assignment points at the first empty slot (e2's slot 0)
-    assert plan.slots.slot_A.tolist() == [0, 1, 4, 2, 6, 3]
-    assert plan.slots.src_S.tolist() == [0, 1, 0, 2, 0, 0, 1, 0]  # empty slots read row 0
-    assert plan.slots.asg_S.tolist() == [0, 1, 3, 5, 6, 6, 4, 6]  # 6 = K*n: empty
+    # expert rows, sorted by expert, no padding: e0 rows 0-1, e1 rows 2-3, e3 row 4; the
+    # dropped assignment (t2's top-1) reads row 0 with combine weight 0
+    assert plan.slots.slot_A.tolist() == [0, 1, 0, 2, 4, 3]
+    assert plan.slots.asg_R.tolist() == [0, 1, 3, 5, 4]  # assignment a = k*n + token
+    assert plan.slots.src_R.tolist() == [0, 1, 0, 2, 1]
+    assert plan.slots.counts_V.tolist() == plan.slots.counts
 
 
 def test_plan_pass_invalid_rows_take_no_slot_and_leave():
@@ -281,7 +283,7 @@ def test_plan_pass_later_stratum_uses_global_strata_and_eval_has_no_capacity():
                      rule=CapacityRule(training=False), priority_bound=5)
     assert plan.slots.first == 2 and plan.slots.V == 4
     assert plan.next_n.tolist() == [2, 2, 2] and plan.next_counts == [0, 0, 3, 0]
-    assert plan.kept == plan.assigned == 6 and plan.slots.C == 3  # no limit: the longest queue
+    assert plan.kept == plan.assigned == 6 and plan.slots.counts == [3, 2, 0, 1]  # no limit
     # e0's queue in priority order: t1 (prio 0), t2 (2), t0 (4)
     assert plan.slots.slot_A[:3].tolist() == [2, 0, 1]
 

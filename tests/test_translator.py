@@ -114,9 +114,9 @@ def test_evaluate_lang_dict_and_mbart_models(setup):
         assert [r["direction"] for r in rows] == ["en-de", "de-en"]
         for r in rows:
             assert r["lines"] == 45 and 1.0 <= r["rc_enc"] <= 2.0 and 1.0 <= r["rc_dec"] <= 2.0
-            src, tgt = r["direction"].split("-")
-            hyps = (out / f"hyp.{src}-{tgt}.{tgt}").read_text(encoding="utf-8").splitlines()
-            assert translator(setup, kind).translate(raw(setup, src, tgt, src), src, tgt, beam=BEAM) == hyps
+        src, tgt = ("en", "de") if kind == "lang_dict" else ("de", "en")
+        hyps = (out / f"hyp.{src}-{tgt}.{tgt}").read_text(encoding="utf-8").splitlines()
+        assert translator(setup, kind).translate(raw(setup, src, tgt, src), src, tgt, beam=BEAM) == hyps
 
 
 def reference_task(setup, kind, src, tgt):
@@ -226,6 +226,10 @@ def test_route_is_the_routing_of_the_generation(setup, kind):
     n = len(dec.passes)
     assert gen_passes[:n] == dec.passes and gen_first[:n] == [e[0][0] for e in dec.experts]
     assert [int(p) for p in rec.blocks("encoder")[0].passes_TB[:, 0]] == enc.passes
+
+    # the compute dial: one pass per token in every block
+    capped = SMoETranslator(setup["ckpt"][kind], setup["data"], device="cpu", max_passes=1).route(sentence, "en", "de", beam=1)
+    assert all(set(b.passes) == {1} for b in capped.blocks) and any(2 in b.passes for b in r.blocks)
 
 
 def test_moved_lang_dict_and_wrong_dictionary(setup, tmp_path):

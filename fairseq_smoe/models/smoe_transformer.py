@@ -15,6 +15,7 @@ from fairseq.models.transformer import (
 from ..modules.cmr import CMRBlock
 from ..modules.config import RESIDUAL_MODES, SECOND_EXPERT_POLICIES, SMoEConfig, parse_strata
 from ..modules.layers import SMoEDecoderLayer, SMoEEncoderLayer
+from ..modules.expert_parallel import DEFAULT_TIMEOUT_S, ExpertParallel, ep_layout
 from ..modules.smoe_block import SMoEBlock
 from ..modules.stats import current_record, recording
 
@@ -25,11 +26,14 @@ def smoe_config(args, embed_dim: int, ffn_dim: int) -> SMoEConfig:
         embed_dim=embed_dim,
         ffn_dim=ffn_dim,
         strata=parse_strata(args.smoe_strata, args.moe_expert_count),
+        strata_ffn=parse_widths(args.smoe_strata_ffn),
         top1=args.moe_top1_expert,
         capacity_factor=args.moe_capacity_factor,
         second_expert_policy=args.moe_second_expert_policy,
         inference_noise=args.moe_inference_noise,
         eval_capacity_token_fraction=args.moe_eval_capacity_token_fraction,
+        dropless=args.moe_dropless,
+        elastic_passes=args.smoe_elastic_passes,
         eom=args.moe_eom,
         residual=args.smoe_residual,
         exit_norm=args.smoe_exit_norm,
@@ -40,6 +44,19 @@ def smoe_config(args, embed_dim: int, ffn_dim: int) -> SMoEConfig:
         cmr=args.moe_cmr,
         cmr_gate_drop=args.cmr_gate_drop,
     )
+
+
+def parse_widths(spec):
+    """``--smoe-strata-ffn`` ("512,2048") as a tuple of ints, or None."""
+    if spec is None or str(spec).strip() == "":
+        return None
+    try:
+        return tuple(int(f) for f in str(spec).split(","))
+    except ValueError:
+        raise ValueError(
+            f"--smoe-strata-ffn {spec!r} is not a comma-separated list of integers; give one FFN "
+            f"width per stratum, e.g. --smoe-strata-ffn 256,768"
+        ) from None
 
 
 def check_flags(args) -> None:
@@ -71,7 +88,40 @@ def check_flags(args) -> None:
             "checkpointing keeps the routing statistics' gradients; fairseq's offloading wrapper "
             "would drop them): use --checkpoint-activations alone"
         )
-    smoe_config(args, args.encoder_embed_dim, args.encoder_ffn_embed_dim)
+    cfg = smoe_config(args, args.encoder_embed_dim, args.encoder_ffn_embed_dim)
+    if getattr(args, "moe_expert_parallel", False):
+        check_expert_parallel(args, cfg)
+
+
+def check_expert_parallel(args, cfg) -> None:
+    """--moe-expert-parallel needs a world size that divides or is divided by the experts of a
+    block, and a DDP backend that leaves the expert parameters alone."""
+    import torch.distributed as dist
+
+    if args.moe_ep_timeout is None or args.moe_ep_timeout <= 0:
+        raise ValueError(f"--moe-ep-timeout must be > 0 seconds, got {args.moe_ep_timeout}")
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world == 1:
+        return  # one process: every expert is local, the flag changes nothing
+    experts = cfg.num_experts // cfg.stack
+    ep_layout(experts, world, 0)  # raises with E, W and the valid world sizes
+    if len(cfg.expert_widths()) > 1:
+        raise ValueError("--moe-expert-parallel cannot be combined with --smoe-strata-ffn (experts of "
+                         "different widths): give every stratum the same FFN width")
+    ddp = getattr(args, "ddp_backend", "legacy_ddp")
+    if ddp not in ("legacy_ddp", "no_c10d"):
+        raise ValueError(
+            f"--moe-expert-parallel needs --ddp-backend legacy_ddp (got {ddp}): it must not "
+            f"all-reduce the expert parameters, which differ between ranks"
+        )
+
+
+def expert_parallel_for(cfg):
+    """``num_experts -> ExpertParallel or None`` for the blocks of this model (None for every
+    size without --moe-expert-parallel or with a single process)."""
+    if not getattr(cfg, "moe_expert_parallel", False):
+        return lambda num_experts: None
+    return lambda num_experts: ExpertParallel.for_job(num_experts, cfg.moe_ep_timeout)
 
 
 def is_moe_layer(index: int, moe_freq: int) -> bool:
@@ -94,7 +144,8 @@ class SMoETransformerEncoder(TransformerEncoderBase):
             return super().build_encoder_layer(cfg)
         smoe_cfg = smoe_config(cfg, cfg.encoder.embed_dim, cfg.encoder.ffn_embed_dim)
         layer = SMoEEncoderLayer(cfg, smoe_cfg, return_fc=self.return_fc, layer_index=index,
-                                 checkpoint_activations=cfg.checkpoint_activations)
+                                 checkpoint_activations=cfg.checkpoint_activations,
+                                 ep_for=expert_parallel_for(cfg))
         return _wrap(layer, cfg)
 
 
@@ -106,7 +157,8 @@ class SMoETransformerDecoder(TransformerDecoderBase):
             return super().build_decoder_layer(cfg, no_encoder_attn)
         smoe_cfg = smoe_config(cfg, cfg.decoder.embed_dim, cfg.decoder.ffn_embed_dim)
         layer = SMoEDecoderLayer(cfg, smoe_cfg, no_encoder_attn, layer_index=index,
-                                 checkpoint_activations=cfg.checkpoint_activations)
+                                 checkpoint_activations=cfg.checkpoint_activations,
+                                 ep_for=expert_parallel_for(cfg))
         return _wrap(layer, cfg)
 
 
@@ -126,6 +178,9 @@ class SMoETransformerModel(TransformerModel):
         parser.add_argument("--smoe-strata", type=str, metavar="n1,n2,...",
                             help="experts per stratum in order, summing to --moe-expert-count; "
                             "one stratum = vanilla top-2 MoE (default: one stratum)")
+        parser.add_argument("--smoe-strata-ffn", type=str, metavar="f1,f2,...",
+                            help="FFN width of each stratum's experts, one per stratum (default: "
+                            "every stratum --encoder-ffn-embed-dim / --decoder-ffn-embed-dim)")
         parser.add_argument("--moe-top1-expert", action="store_true",
                             help="Switch-style top-1 routing with --moe-capacity-factor")
         parser.add_argument("--moe-capacity-factor", type=float, metavar="CF",
@@ -141,6 +196,14 @@ class SMoETransformerModel(TransformerModel):
         parser.add_argument("--moe-eval-capacity-token-fraction", type=float, metavar="F",
                             help="eval/generation capacity per expert = ceil(F * tokens); "
                             "default: unlimited, no token is ever dropped")
+        parser.add_argument("--moe-dropless", action="store_true",
+                            help="no capacity limit in training either: no assignment is ever "
+                            "dropped (MegaBlocks/Tutel-style); the paper trains with capacity "
+                            "2*ceil(S/V) (top-2) or the capacity factor (top-1), which this ignores")
+        parser.add_argument("--smoe-elastic-passes", action="store_true",
+                            help="training: every token of every block forward gets a random pass "
+                            "budget K in 1..L (it leaves after K passes whatever its router says), "
+                            "so that one model serves every --smoe-max-passes at inference")
         parser.add_argument("--moe-eom", type=float, metavar="P",
                             help="expert output masking rate (default: 0.0)")
         parser.add_argument("--smoe-residual", choices=RESIDUAL_MODES,
@@ -151,6 +214,14 @@ class SMoETransformerModel(TransformerModel):
                             "none: one stratum (the official code's --hmoe-layer 1 --hmoe-layernorm 1 "
                             "vanilla MoE) or --smoe-residual paper; official mode with several strata "
                             "always has it (default: off, one stratum = the --hmoe-layer 0 path)")
+        parser.add_argument("--moe-expert-parallel", action="store_true",
+                            help="split each SMoE block's experts over the ranks of the job (E/W "
+                            "per rank; each expert replicated W/E times when E < W) and exchange "
+                            "tokens with all-to-all; needs --ddp-backend legacy_ddp (default: every "
+                            "rank holds every expert)")
+        parser.add_argument("--moe-ep-timeout", type=int, metavar="SECONDS",
+                            help="expert-parallel collectives fail after this long without a peer "
+                            f"(a rank that died) instead of hanging (default: {DEFAULT_TIMEOUT_S})")
         parser.add_argument("--moe-route-padding", action="store_true",
                             help="route padding tokens like real ones (official behaviour; "
                             "default: padding takes no capacity)")
@@ -190,6 +261,12 @@ class SMoETransformerModel(TransformerModel):
             out, extra = super().forward(*args, **kwargs)
         extra["routing"] = record
         return out, extra
+
+    def set_max_passes(self, k) -> None:
+        """The compute dial (``--smoe-max-passes``): evaluation and generation stop every token
+        after ``k`` strata passes in every SMoE block (None: no cap)."""
+        for block in self.smoe_blocks("encoder") + self.smoe_blocks("decoder"):
+            block.set_max_passes(k)
 
     def has_moe_slots(self) -> bool:
         """Whether any layer has an MoE FFN slot (False for ``--moe-freq 0``). Not by iterating
@@ -260,13 +337,17 @@ def smoe_base_architecture(args):
     _default(args, "moe_expert_count", 8)
     _default(args, "moe_freq", 2)
     _default(args, "smoe_strata", "")
+    _default(args, "smoe_strata_ffn", None)
     _default(args, "moe_capacity_factor", 1.0)
     _default(args, "moe_second_expert_policy", "sampling")
     _default(args, "moe_eom", 0.0)
     _default(args, "smoe_residual", "official")
-    for flag in ("moe_top1_expert", "moe_inference_noise", "moe_route_padding", "moe_cmr", "smoe_exit_norm"):
+    for flag in ("moe_top1_expert", "moe_inference_noise", "moe_route_padding", "moe_cmr", "smoe_exit_norm", "moe_dropless",
+                 "smoe_elastic_passes"):
         _default(args, flag, False)
     _default(args, "moe_stack", 1)
+    _default(args, "moe_expert_parallel", False)
+    _default(args, "moe_ep_timeout", DEFAULT_TIMEOUT_S)
     _default(args, "cmr_gate_drop", 0.0)
     _default(args, "moe_eval_capacity_token_fraction", None)
     base_architecture(args)

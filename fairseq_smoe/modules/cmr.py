@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import SMoEConfig
+from .precision import autocast_off
 from .stats import CMRStats, SlotStats
 
 
@@ -56,7 +57,7 @@ class CMRBlock(nn.Module):
 
     def gates(self, u_TBd: Tensor, padding_mask_BT: Optional[Tensor]):
         """(g_TB in fp32 after dropout and padding mask, number of counted tokens)."""
-        with torch.autocast(u_TBd.device.type, enabled=False):  # the gate is fp32 always
+        with autocast_off(u_TBd):  # the gate is fp32 always
             logit = F.linear(u_TBd.float(), self.gate.weight.float(), self.gate.bias.float())
         g = F.dropout(torch.sigmoid(logit.squeeze(-1)), p=self.cfg.cmr_gate_drop, training=self.training)
         if padding_mask_BT is not None and not self.cfg.route_padding:
@@ -65,14 +66,16 @@ class CMRBlock(nn.Module):
         return g, torch.tensor(g.numel(), device=g.device)
 
     def forward(self, x_TBd: Tensor, padding_mask_BT: Optional[Tensor] = None,
-                trace: bool = False) -> Tuple[Tensor, SlotStats]:
+                trace: bool = False, stats: bool = True) -> Tuple[Tensor, Optional[SlotStats]]:
         u = self.ffn_norm(x_TBd)
         g_TB, count = self.gates(u, padding_mask_BT)
         dense = x_TBd + self.shared_ffn(u)
-        moe, moe_stats = self.moe(x_TBd, padding_mask_BT, trace)
+        moe, moe_stats = self.moe(x_TBd, padding_mask_BT, trace, stats)
         g = g_TB.to(x_TBd.dtype).unsqueeze(-1)
-        stats = SlotStats(SlotStats.of(moe_stats).blocks, cmr=CMRStats(g_TB.sum(), count))
-        return (1 - g) * dense + g * moe, stats
+        out = (1 - g) * dense + g * moe
+        if not stats:
+            return out, None
+        return out, SlotStats(SlotStats.of(moe_stats).blocks, cmr=CMRStats(g_TB.sum(), count))
 
     def extra_repr(self) -> str:
         return f"gate_drop={self.cfg.cmr_gate_drop}"

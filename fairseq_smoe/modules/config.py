@@ -43,11 +43,14 @@ class SMoEConfig:
     embed_dim: int
     ffn_dim: int
     strata: Tuple[int, ...]  # experts per stratum, in order; sums to the expert count
+    strata_ffn: Optional[Tuple[int, ...]] = None  # FFN width of each stratum's experts (None: ffn_dim)
     top1: bool = False  # Switch-style routing (one expert per pass, raw-probability combine)
     capacity_factor: float = 1.0  # top-1 training capacity = int(cf * ceil(S / V))
     second_expert_policy: str = "sampling"
     inference_noise: bool = False  # keep the training policy's noise at inference (official code)
     eval_capacity_token_fraction: Optional[float] = None  # None: never drop at eval
+    dropless: bool = False  # no capacity limit in training either (MegaBlocks / Tutel style)
+    elastic_passes: bool = False  # training: each token gets a random pass budget K in 1..L
     eom: float = 0.0  # expert output masking rate
     residual: str = "official"
     exit_norm: bool = False  # an exit LayerNorm where the residual mode has none (one stratum, paper)
@@ -86,6 +89,22 @@ class SMoEConfig:
                 f"--moe-eval-capacity-token-fraction must be in (0, 1], got {f}; omit it for "
                 f"unlimited capacity at evaluation"
             )
+        if self.dropless and f is not None:
+            raise ValueError(
+                f"--moe-dropless never drops an assignment, but --moe-eval-capacity-token-fraction "
+                f"{f} asks for a capacity at evaluation; drop one of the two flags"
+            )
+        if self.strata_ffn is not None:
+            if len(self.strata_ffn) != self.num_strata:
+                raise ValueError(
+                    f"--smoe-strata-ffn gives {len(self.strata_ffn)} widths for "
+                    f"{self.num_strata} strata ({','.join(map(str, self.strata))}): give one FFN "
+                    f"width per stratum, e.g. --smoe-strata-ffn {','.join([str(self.ffn_dim)] * self.num_strata)}"
+                )
+            if any(f < 1 for f in self.strata_ffn):
+                raise ValueError(f"--smoe-strata-ffn widths must be positive, got {','.join(map(str, self.strata_ffn))}")
+            if self.stack > 1:
+                raise ValueError("--smoe-strata-ffn sets the widths of SMoE strata; it cannot be combined with --moe-stack")
         if self.stack < 1:
             raise ValueError(f"--moe-stack must be >= 1, got {self.stack}")
         if self.stack > 1 and self.num_strata > 1:
@@ -109,6 +128,17 @@ class SMoEConfig:
     @property
     def num_strata(self) -> int:
         return len(self.strata)
+
+    def expert_widths(self):
+        """(experts, FFN width) of each run of strata with one width, in expert order."""
+        widths = self.strata_ffn or (self.ffn_dim,) * self.num_strata
+        runs = []
+        for n, f in zip(self.strata, widths):
+            if runs and runs[-1][1] == f:
+                runs[-1] = (runs[-1][0] + n, f)
+            else:
+                runs.append((n, f))
+        return runs
 
     @property
     def has_exit_norm(self) -> bool:

@@ -30,9 +30,11 @@ from .stacked import StackedMoE
 from .stats import SlotStats, current_record
 
 
-def build_moe_slot(cfg: SMoEConfig) -> nn.Module:
-    """The FFN slot module for ``cfg``: ``x_TBd, padding_mask_BT, trace -> (x_TBd, stats)``."""
-    moe = StackedMoE(cfg) if cfg.stack > 1 else SMoEBlock(cfg)
+def build_moe_slot(cfg: SMoEConfig, ep_for=None) -> nn.Module:
+    """The FFN slot module for ``cfg``: ``x_TBd, padding_mask_BT, trace -> (x_TBd, stats)``.
+    ``ep_for(num_experts)``: the expert-parallel setup for blocks of that many experts, or None."""
+    ep_for = ep_for or (lambda num_experts: None)
+    moe = StackedMoE(cfg, ep_for) if cfg.stack > 1 else SMoEBlock(cfg, ep_for(cfg.num_experts))
     return CMRBlock(cfg, moe) if cfg.cmr else moe
 
 
@@ -48,9 +50,9 @@ class _SMoELayerMixin:
 
     side = ""
 
-    def _init_moe(self, smoe_cfg: SMoEConfig, layer_index: int, checkpoint_activations: bool):
+    def _init_moe(self, smoe_cfg: SMoEConfig, layer_index: int, checkpoint_activations: bool, ep_for):
         self.final_layer_norm = nn.Identity()  # the SMoE slot owns the FFN LayerNorm
-        self.moe = build_moe_slot(smoe_cfg)
+        self.moe = build_moe_slot(smoe_cfg, ep_for)
         self.layer_index = layer_index
         self.checkpoint_activations = checkpoint_activations
 
@@ -61,33 +63,36 @@ class _SMoELayerMixin:
         return nn.Identity()
 
     def _run(self, layer_forward, *args, **kwargs):
-        """``layer_forward(trace, *args, **kwargs) -> (outputs, SlotStats)``, checkpointed if
-        asked; the statistics go to the open record."""
+        """``layer_forward(record, *args, **kwargs) -> (outputs, SlotStats)``, checkpointed if
+        asked; the statistics go to the open record (none open: they are not even computed)."""
         record = current_record()
-        trace = record is not None and record.detail
         if self.checkpoint_activations and torch.is_grad_enabled():
-            out, stats = checkpoint(layer_forward, trace, *args, use_reentrant=False, **kwargs)
+            out, stats = checkpoint(layer_forward, record, *args, use_reentrant=False, **kwargs)
         else:
-            out, stats = layer_forward(trace, *args, **kwargs)
+            out, stats = layer_forward(record, *args, **kwargs)
         if record is not None:
             record.add(self.side, self.layer_index, SlotStats.of(stats))
         return out
+
+    def _slot(self, record, x, padding_mask):
+        detail = record is not None and record.detail
+        return self.moe(x, padding_mask, detail, record is not None)
 
 
 class SMoEEncoderLayer(_SMoELayerMixin, TransformerEncoderLayerBase):
     side = "encoder"
 
     def __init__(self, cfg, smoe_cfg: SMoEConfig, return_fc: bool = False, layer_index: int = 0,
-                 checkpoint_activations: bool = False):
+                 checkpoint_activations: bool = False, ep_for=None):
         super().__init__(cfg, return_fc=return_fc)
-        self._init_moe(smoe_cfg, layer_index, checkpoint_activations)
+        self._init_moe(smoe_cfg, layer_index, checkpoint_activations, ep_for)
 
-    def _layer(self, trace, x, encoder_padding_mask, attn_mask=None):
+    def _layer(self, record, x, encoder_padding_mask, attn_mask=None):
         out = TransformerEncoderLayerBase.forward(self, x, encoder_padding_mask, attn_mask)
         if isinstance(out, tuple):  # return_fc
-            y, stats = self.moe(out[0], encoder_padding_mask, trace)
+            y, stats = self._slot(record, out[0], encoder_padding_mask)
             return (y, out[1]), stats
-        return self.moe(out, encoder_padding_mask, trace)
+        return self._slot(record, out, encoder_padding_mask)
 
     def forward(self, x, encoder_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor] = None):
         return self._run(self._layer, x, encoder_padding_mask, attn_mask)
@@ -97,15 +102,16 @@ class SMoEDecoderLayer(_SMoELayerMixin, TransformerDecoderLayerBase):
     side = "decoder"
 
     def __init__(self, cfg, smoe_cfg: SMoEConfig, no_encoder_attn=False, add_bias_kv=False,
-                 add_zero_attn=False, layer_index: int = 0, checkpoint_activations: bool = False):
+                 add_zero_attn=False, layer_index: int = 0, checkpoint_activations: bool = False,
+                 ep_for=None):
         super().__init__(cfg, no_encoder_attn=no_encoder_attn, add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn)
-        self._init_moe(smoe_cfg, layer_index, checkpoint_activations)
+        self._init_moe(smoe_cfg, layer_index, checkpoint_activations, ep_for)
 
-    def _layer(self, trace, x, *args, self_attn_padding_mask=None, **kwargs):
+    def _layer(self, record, x, *args, self_attn_padding_mask=None, **kwargs):
         x, attn, state = TransformerDecoderLayerBase.forward(
             self, x, *args, self_attn_padding_mask=self_attn_padding_mask, **kwargs
         )
-        y, stats = self.moe(x, self_attn_padding_mask, trace)
+        y, stats = self._slot(record, x, self_attn_padding_mask)
         return (y, attn, state), stats
 
     def forward(self, x, *args, **kwargs):

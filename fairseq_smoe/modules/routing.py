@@ -14,6 +14,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .host_sync import read_to_host
+
 
 def select_experts(
     logits_NV: Tensor,
@@ -81,24 +83,30 @@ def expert_capacity(
     return max(1, int(capacity_factor * per_expert))
 
 
-def slot_positions(
+def queue_order(
     expert_A: Tensor, priority_A: Tensor, num_bins: int, priority_bound: Optional[int] = None
-) -> Tuple[Tensor, Tensor]:
-    """Position of each assignment in its expert's queue, and the queue lengths.
-
-    Assignments are queued per expert in increasing ``priority_A`` (unique per assignment,
-    in ``[0, priority_bound)``; the bound defaults to the number of assignments). Invalid
-    assignments carry the sentinel expert id ``num_bins - 1`` and queue last. One sort and one
-    bincount: no (tokens x experts x capacity) tensor, no host sync.
-    """
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The assignments queued expert by expert, each expert's queue in increasing
+    ``priority_A`` (unique per assignment, in ``[0, priority_bound)``; the bound defaults to the
+    number of assignments). Invalid assignments carry the sentinel expert id ``num_bins - 1``
+    and queue last. Returns ``order_A`` (the assignments in queue order), ``rank_A`` (each
+    assignment's place in that order: its inverse) and ``counts_B`` (queue lengths). One sort
+    and one count: no (tokens x experts x capacity) tensor, no host sync."""
     A = expert_A.numel()
     span = A if priority_bound is None else priority_bound
     order_A = torch.argsort(expert_A * span + priority_A)
-    counts_B = torch.bincount(expert_A, minlength=num_bins)
+    rank_A = torch.empty_like(order_A).scatter_(0, order_A, torch.arange(A, device=expert_A.device))
+    return order_A, rank_A, count_per_bin(expert_A, num_bins)
+
+
+def slot_positions(
+    expert_A: Tensor, priority_A: Tensor, num_bins: int, priority_bound: Optional[int] = None
+) -> Tuple[Tensor, Tensor]:
+    """Position of each assignment in its expert's queue (see ``queue_order``), and the queue
+    lengths."""
+    _, rank_A, counts_B = queue_order(expert_A, priority_A, num_bins, priority_bound)
     starts_B = counts_B.cumsum(0) - counts_B
-    pos_sorted_A = torch.arange(A, device=expert_A.device) - starts_B[expert_A[order_A]]
-    pos_A = torch.empty_like(pos_sorted_A).scatter_(0, order_A, pos_sorted_A)
-    return pos_A, counts_B
+    return rank_A - starts_B[expert_A], counts_B
 
 
 def combine_weights(gates_KN: Tensor, kept_KN: Tensor, renormalize: bool) -> Tensor:
@@ -136,21 +144,6 @@ def count_per_bin(ids: Tensor, num_bins: int) -> Tensor:
     )
 
 
-_host_reads = [0]
-
-
-def read_to_host(t: Tensor) -> List[int]:
-    """The device-to-host read of a pass: every count the host needs, in one transfer.
-    ``host_reads()`` tells how many happened, so a test can hold the block to one per pass."""
-    _host_reads[0] += 1
-    return t.tolist()
-
-
-def host_reads() -> int:
-    """Number of ``read_to_host`` calls in this process so far."""
-    return _host_reads[0]
-
-
 def expert_output_mask(g_Kn: Tensor, p: float, training: bool) -> Tensor:
     """EoM (spec §1.6.7): in training, zero each token-expert assignment's combine weight with
     probability ``p`` (no rescaling); at evaluation scale every weight by (1 - p)."""
@@ -166,13 +159,17 @@ def expert_output_mask(g_Kn: Tensor, p: float, training: bool) -> Tensor:
 
 @dataclass(frozen=True)
 class CapacityRule:
-    """How many slots an expert gets in a pass (``expert_capacity``)."""
+    """How many slots an expert gets in a pass (``expert_capacity``); ``dropless``: no limit,
+    in training too."""
 
     training: bool
     capacity_factor: float = 1.0
     eval_fraction: Optional[float] = None
+    dropless: bool = False
 
     def capacity(self, num_tokens: int, num_visible: int, k: int) -> Optional[int]:
+        if self.dropless:
+            return None
         return expert_capacity(
             num_tokens, num_visible, k, training=self.training,
             capacity_factor=self.capacity_factor, eval_fraction=self.eval_fraction,
@@ -181,21 +178,28 @@ class CapacityRule:
 
 @dataclass
 class SlotLayout:
-    """Where every assignment of a pass goes in the expert buffer (all small index tensors).
+    """The expert rows of a pass: its computed assignments sorted by expert, with no padding.
 
-    The buffer has V x C slots (slot e*C + i = position i of visible expert e). ``src_S``: the
-    row each slot reads (empty slots read row 0, and get weight 0); ``slot_A``: the slot of each
-    assignment a = k*n + row (assignments that are not computed, i.e. dropped by capacity, a
-    second choice dropped by the ``random`` policy or a padding row, point at an empty slot,
-    which always exists for them and whose output gets weight 0 and whose gradient is exactly
-    0); ``asg_S``: the assignment of each slot (K*n if empty)."""
+    Visible expert e's rows are ``counts[e]`` consecutive rows, in queue order (``counts`` on
+    the host, ``counts_V`` the same on the device; R = sum). ``src_R``: the row of u each
+    expert row reads; ``asg_R``: its assignment a = k*n + row; ``slot_A``: the expert row of
+    each assignment, 0 for one that is not computed (dropped by capacity, a second choice
+    dropped by the ``random`` policy, a padding row), whose combine weight is 0."""
 
     first: int  # global id of the first visible expert
-    V: int
-    C: int
-    src_S: Tensor
+    counts: List[int]
+    counts_V: Tensor
+    src_R: Tensor
     slot_A: Tensor
-    asg_S: Tensor
+    asg_R: Tensor
+
+    @property
+    def V(self) -> int:
+        return len(self.counts)
+
+    @property
+    def R(self) -> int:
+        return self.src_R.numel()
 
 
 @dataclass
@@ -207,7 +211,8 @@ class PassPlan:
     (combine weights, after dropping), ``next_n`` (the stratum each row goes to next, L = it
     leaves the block; from the top-1 expert, before any dropping). Host ints: ``num_active``
     (rows routed), ``loads`` (assignments per visible expert), ``next_counts`` (rows per next
-    stratum 0..L), ``assigned`` / ``kept`` (assignments made / computed)."""
+    stratum 0..L; ``group_next_counts``: summed over the expert-parallel group, which keeps
+    the strata loop in lockstep), ``assigned`` / ``kept`` (assignments made / computed)."""
 
     stratum: int
     slots: SlotLayout
@@ -219,6 +224,7 @@ class PassPlan:
     num_active: int
     loads: List[int]
     next_counts: List[int]
+    group_next_counts: List[int]
     assigned: int
     kept: int
 
@@ -240,6 +246,8 @@ def plan_pass(
     valid_n: Optional[Tensor] = None,
     priority_bound: Optional[int] = None,
     stratum_of_expert: Optional[Tensor] = None,
+    ep=None,
+    exit_n: Optional[Tensor] = None,
 ) -> Optional[PassPlan]:
     """The plan of one pass at ``stratum`` over n rows, from its router's logits.
 
@@ -247,9 +255,12 @@ def plan_pass(
     assignment a = k*n + row gets priority k*bound + prio, so every first choice queues before
     every second choice. ``valid_n``: rows that are routed (None: all); the others take no
     slot and leave the block. ``stratum_of_expert``: the stratum of every global expert id on
-    the logits' device (built from ``strata`` if not given). Returns None when no row is routed.
+    the logits' device (built from ``strata`` if not given). ``ep``: the expert-parallel setup
+    (``expert_parallel.ExpertParallel``), whose ranks exchange their counts here. ``exit_n``:
+    rows that leave the block after this pass whatever their top-1 (the compute dial,
+    ``--smoe-max-passes``). Returns None when no row is routed (on any rank of the exchange group).
 
-    One host read (``read_to_host``): the expert loads (they size the buffer), the number of
+    One host read (``host_sync.read_to_host``): the expert loads (they size the buffer), the number of
     rows going to each later stratum (so the block gathers them without a read of its own) and
     the number of routed rows (it sets the capacity).
     """
@@ -260,11 +271,10 @@ def plan_pass(
     bound = n if priority_bound is None else priority_bound
     probs_nV, experts_Kn, gates_Kn, keep_Kn = select_experts(logits_nV, k, policy, noisy)
     K = experts_Kn.size(0)
-    A = K * n
     valid_Kn = keep_Kn if valid_n is None else keep_Kn & valid_n.unsqueeze(0)
     expert_A = torch.where(valid_Kn, experts_Kn, V).reshape(-1)  # V = not routed
     prio_A = (torch.arange(K, device=dev).unsqueeze(1) * bound + prio_n).reshape(-1)
-    pos_A, counts_B = slot_positions(expert_A, prio_A, V + 1, priority_bound=K * bound)
+    order_A, rank_A, counts_B = queue_order(expert_A, prio_A, V + 1, priority_bound=K * bound)
 
     # The next stratum follows the top-1 expert, chosen before any capacity dropping.
     if stratum_of_expert is None:
@@ -272,26 +282,44 @@ def plan_pass(
     next_n = stratum_of_expert[experts_Kn[0] + first] + 1
     if valid_n is not None:
         next_n = torch.where(valid_n, next_n, L)
-    host = [counts_B[:V], count_per_bin(next_n, L + 1)]
-    if valid_n is not None:
-        host.append(valid_n.sum().unsqueeze(0))
-    host = read_to_host(torch.cat(host))
-    loads, next_counts = host[:V], host[V : V + L + 1]
-    num_active = host[-1] if valid_n is not None else n
-    if num_active == 0:
+    if exit_n is not None:
+        next_n = torch.where(exit_n, L, next_n)
+    num_active_1 = valid_n.sum().unsqueeze(0) if valid_n is not None else counts_B.new_full((1,), n)
+    host = torch.cat([counts_B[:V], count_per_bin(next_n, L + 1), num_active_1])
+    peers = [read_to_host(host)] if ep is None else ep.gather_counts(host)
+    me = 0 if ep is None else ep.layout.group_rank
+    loads, next_counts, num_active = peers[me][:V], peers[me][V : V + L + 1], peers[me][-1]
+    if sum(p[-1] for p in peers) == 0:
         return None
 
-    cap = rule.capacity(num_active, V, K)
-    C = max(loads) if cap is None else min(cap, max(loads))
-    kept_V = [min(load, C) for load in loads]  # host ints, V of them
-    kept_A = (expert_A < V) & (pos_A < C)
+    # every rank of the group applies each sender's own capacity (its own routed rows)
+    peer_counts = [_kept_per_expert(p[:V], rule.capacity(p[-1], V, K)) for p in peers]
+    group_next = [sum(p[V + s] for p in peers) for s in range(L + 1)]
+    kept_V = peer_counts[me]
+    C = max(kept_V, default=0)
+    R = sum(kept_V)
+    asg_R = None
+    if R == sum(loads):  # nothing dropped: the rows are the queue order itself
+        counts_V, kept_A, row_A, asg_R = counts_B[:V], expert_A < V, rank_A, order_A[:R]
+    else:  # expert e keeps the first kept_V[e] of its queue; its rows follow the experts' before
+        counts_V = counts_B[:V].clamp(max=C)  # == kept_V, on the device
+        pos_A = rank_A - (counts_B.cumsum(0) - counts_B)[expert_A]
+        kept_A = (expert_A < V) & (pos_A < C)
+        row_A = (counts_V.cumsum(0) - counts_V)[expert_A.clamp(max=V - 1)] + pos_A
     g_Kn = combine_weights(gates_Kn, kept_A.view(K, n), renormalize=(K == 2))
-    slots = slot_layout(expert_A, pos_A, kept_A, kept_V, C, first, n)
+    slots = slot_layout(row_A, kept_A, kept_V, counts_V, first, n, asg_R)
+    slots.peer_counts = peer_counts
     return PassPlan(
         stratum=stratum, slots=slots, probs_nV=probs_nV, experts_Kn=experts_Kn,
         kept_Kn=kept_A.view(K, n), g_Kn=g_Kn, next_n=next_n, num_active=num_active,
-        loads=loads, next_counts=next_counts, assigned=sum(loads), kept=sum(kept_V),
+        loads=loads, next_counts=next_counts, group_next_counts=group_next,
+        assigned=sum(loads), kept=R,
     )
+
+
+def _kept_per_expert(loads: List[int], cap: Optional[int]) -> List[int]:
+    """Assignments each expert computes: its queue cut at the capacity (None: no limit)."""
+    return list(loads) if cap is None else [min(load, cap) for load in loads]
 
 
 def stratum_map(strata: Sequence[int]) -> Tensor:
@@ -299,19 +327,15 @@ def stratum_map(strata: Sequence[int]) -> Tensor:
     return torch.repeat_interleave(torch.arange(len(strata)), torch.tensor(list(strata)))
 
 
-def slot_layout(expert_A: Tensor, pos_A: Tensor, kept_A: Tensor, kept_V: List[int], C: int,
-                first: int, n: int) -> SlotLayout:
-    """Expert e's kept assignments fill positions 0..kept_V[e]-1 of its slots. Assignments that
-    are not computed point at an empty slot (their weight is 0); when every slot is full
-    (possible with top-1 capacity or an eval capacity fraction), one spare slot per expert
-    provides it."""
-    A, V = expert_A.numel(), len(kept_V)
-    kept = sum(kept_V)
-    C_buf = C + 1 if (kept < A and kept == V * C) else C
-    empty = next((e * C_buf + kept_V[e] for e in range(V) if kept_V[e] < C_buf), 0)
-    S = V * C_buf
-    slot_A = torch.where(kept_A, expert_A * C_buf + pos_A, empty)
-    asg_S = torch.full((S + 1,), A, dtype=torch.long, device=expert_A.device)
-    asg_S = asg_S.scatter_(0, torch.where(kept_A, slot_A, S), torch.arange(A, device=expert_A.device))[:S]
-    src_S = asg_S % n  # the row each slot reads; empty slots read row 0 (A % n == 0)
-    return SlotLayout(first=first, V=V, C=C_buf, src_S=src_S, slot_A=slot_A, asg_S=asg_S)
+def slot_layout(row_A: Tensor, kept_A: Tensor, kept_V: List[int], counts_V: Tensor, first: int,
+                n: int, asg_R: Optional[Tensor] = None) -> SlotLayout:
+    """The expert rows from each kept assignment's row ``row_A`` (rows sorted by expert, in
+    queue order); assignments that are not computed read row 0 with weight 0. ``asg_R``, the
+    assignment of each row, is derived unless given."""
+    A, R = row_A.numel(), sum(kept_V)
+    slot_A = torch.where(kept_A, row_A, 0)
+    if asg_R is None:
+        asg_R = torch.empty(R + 1, dtype=torch.long, device=row_A.device)
+        asg_R = asg_R.scatter_(0, torch.where(kept_A, row_A, R), torch.arange(A, device=row_A.device))[:R]
+    return SlotLayout(first=first, counts=kept_V, counts_V=counts_V, src_R=asg_R % n,
+                      slot_A=slot_A, asg_R=asg_R)

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import SMoEConfig
-from .experts import StackedExperts, compute_dtype
+from .expert_parallel import ExpertParallel
+from .experts import StackedExperts
+from .precision import autocast_off, compute_dtype
 from .routing import CapacityRule, balance_loss, expert_output_mask, plan_pass, stratum_map
 from .stats import BlockStats, PassTrace
 
@@ -41,7 +43,7 @@ class SMoEBlock(nn.Module):
     pre-norm and ``strata_norms[-1]`` the exit norm when there is one.
     """
 
-    def __init__(self, cfg: SMoEConfig):
+    def __init__(self, cfg: SMoEConfig, ep: Optional[ExpertParallel] = None):
         super().__init__()
         self.cfg = cfg
         d, L = cfg.embed_dim, cfg.num_strata
@@ -52,27 +54,53 @@ class SMoEBlock(nn.Module):
         self.strata_norms = nn.ModuleList(
             [nn.LayerNorm(d) for _ in range(L - 1 + int(cfg.has_exit_norm))]
         )
-        self.experts = StackedExperts(cfg.num_experts, d, cfg.ffn_dim, cfg.activation_dropout)
+        self.experts = StackedExperts(cfg.num_experts, d, cfg.ffn_dim, cfg.activation_dropout, ep=ep,
+                                      widths=cfg.expert_widths())
         self.register_buffer("stratum_of_expert", stratum_map(cfg.strata), persistent=False)
+        self.max_passes: Optional[int] = None  # the compute dial (set_max_passes); None = L
+
+    def set_max_passes(self, k: Optional[int]) -> None:
+        """Evaluation and generation forwards stop every token after ``k`` passes (1..L; None:
+        no cap, the model as trained); in ``official`` mode it still leaves through the exit
+        LayerNorm. Training forwards are not capped (see ``cfg.elastic_passes``)."""
+        L = self.cfg.num_strata
+        if k is not None and not 1 <= k <= L:
+            raise ValueError(f"--smoe-max-passes must be in 1..{L} (the strata of this model), got {k}")
+        self.max_passes = k
+
+    def _pass_budget(self, N: int, dev) -> Optional[Tensor]:
+        """Per row, the passes it may make: the dial's K at evaluation, a random K in 1..L per
+        token in training with ``elastic_passes``, else None (no cap)."""
+        L = self.cfg.num_strata
+        if self.training:
+            if not self.cfg.elastic_passes or L == 1:
+                return None
+            return torch.randint(1, L + 1, (N,), device=dev)
+        if self.max_passes is None or self.max_passes >= L:
+            return None
+        return torch.full((N,), self.max_passes, dtype=torch.long, device=dev)
 
     def pre_norm(self, stratum: int) -> nn.Module:
         return self.ffn_norm if stratum == 0 else self.strata_norms[stratum - 1]
 
     def router_logits(self, stratum: int, u_nd: Tensor) -> Tensor:
         """Router logits in fp32 always (also under --fp16/--bf16 and autocast)."""
-        with torch.autocast(u_nd.device.type, enabled=False):
+        with autocast_off(u_nd):
             return F.linear(u_nd.float(), self.routers[stratum].weight.float())
 
     def capacity_rule(self) -> CapacityRule:
         cfg = self.cfg
         return CapacityRule(
             training=self.training, capacity_factor=cfg.capacity_factor,
-            eval_fraction=cfg.eval_capacity_token_fraction,
+            eval_fraction=cfg.eval_capacity_token_fraction, dropless=cfg.dropless,
         )
 
     def forward(
-        self, x_TBd: Tensor, padding_mask_BT: Optional[Tensor] = None, trace: bool = False
-    ) -> Tuple[Tensor, BlockStats]:
+        self, x_TBd: Tensor, padding_mask_BT: Optional[Tensor] = None, trace: bool = False,
+        stats: bool = True,
+    ) -> Tuple[Tensor, Optional[BlockStats]]:
+        """``stats=False`` (nobody will read them, e.g. generation): no balance loss and no
+        per-token bookkeeping, and None in place of the BlockStats."""
         cfg = self.cfg
         T, B, d = x_TBd.shape
         N, L = T * B, cfg.num_strata
@@ -89,21 +117,27 @@ class SMoEBlock(nn.Module):
         rule = self.capacity_rule()
         noisy = self.training or cfg.inference_noise
         weights = self.experts.weights(compute_dtype(x_TBd))
+        ep = self.experts.ep
         tokens_at = [N] + [0] * L  # rows per stratum, on the host (from each plan's counts)
+        group_at = [1] + [0] * L  # the same summed over the expert-parallel group (lockstep)
         state_N = None  # next stratum of every row (L = done), set by pass 0
         passes_N = torch.zeros(N, dtype=torch.long, device=dev)
         aux_sum = x_Nd.new_zeros((), dtype=torch.float32)
         assigned = kept = num_passes = 0
+        expert_rows = [0] * cfg.num_experts
         passes_trace: Optional[List[PassTrace]] = [] if trace else None
+        left_N = self._pass_budget(N, dev)  # passes each row may still make (None: no cap)
 
         for c in range(L):
             # Pass 0 works on all N rows (padding rows are masked, not removed); pass c >= 1
             # gathers the rows at stratum c, whose count an earlier plan brought to the host,
             # so a static-size nonzero finds them without a read of its own.
+            # With expert parallelism every rank of the group takes part in a pass that any of
+            # them needs, with no rows of its own if it has none there.
             if c == 0:
                 idx_n, x_nd, prio_n = None, x_Nd, prio_N
             else:
-                if tokens_at[c] == 0:
+                if group_at[c] == 0:
                     continue  # no token at this stratum: skip it, as the official loop does
                 idx_n = torch.nonzero_static(state_N == c, size=tokens_at[c]).squeeze(1)
                 x_nd, prio_n = _GatherRows.apply(x_Nd, idx_n), prio_N[idx_n]
@@ -112,14 +146,15 @@ class SMoEBlock(nn.Module):
                 self.router_logits(c, u_nd), prio_n, stratum=c, strata=cfg.strata, rule=rule,
                 k=cfg.k, policy=cfg.second_expert_policy, noisy=noisy,
                 valid_n=routed_N if c == 0 else None, priority_bound=N,
-                stratum_of_expert=self.stratum_of_expert,
+                stratum_of_expert=self.stratum_of_expert, ep=ep,
+                exit_n=None if left_N is None else (left_N if c == 0 else left_N[idx_n]) <= 1,
             )
             if plan is None:
                 break  # pass 0 and every token is padding
-            num_passes += 1
             assigned, kept = assigned + plan.assigned, kept + plan.kept
             for s in range(c + 1, L):
                 tokens_at[s] += plan.next_counts[s]
+                group_at[s] += plan.group_next_counts[s]
 
             # Experts, combine and residual, fused (experts.py): out = residual + sum_k g_k y_k
             g_Kn = expert_output_mask(plan.g_Kn, cfg.eom, self.training)
@@ -127,10 +162,19 @@ class SMoEBlock(nn.Module):
             out_nd = self.experts.mix(residual_nd, u_nd, g_Kn, weights, plan.slots, dropout=cfg.dropout)
             if c == 0:
                 x_Nd, state_N = out_nd, plan.next_n  # padding rows keep their input, leave
-                passes_N = passes_N + (1 if routed_N is None else routed_N.long())
             else:
                 x_Nd = x_Nd.index_copy_(0, idx_n, out_nd)  # x_Nd is pass 0's output: ours
                 state_N = state_N.index_copy(0, idx_n, plan.next_n)
+            if left_N is not None:
+                left_N = left_N - 1 if c == 0 else left_N.index_add(0, idx_n, torch.full_like(idx_n, -1))
+            if not stats or plan.num_active == 0:
+                continue  # (no rows here: this rank only served the others' exchange)
+            num_passes += 1
+            for j, rows in enumerate(plan.slots.counts):
+                expert_rows[plan.slots.first + j] += rows
+            if c == 0:
+                passes_N = passes_N + (1 if routed_N is None else routed_N.long())
+            else:
                 passes_N.index_add_(0, idx_n, torch.ones_like(idx_n))
             aux_sum = aux_sum + balance_loss(
                 plan.probs_nV, plan.top1_n, routed_N if c == 0 else None, plan.num_active
@@ -144,6 +188,8 @@ class SMoEBlock(nn.Module):
 
         if cfg.has_exit_norm:
             x_Nd = self.strata_norms[-1](x_Nd)
+        if not stats:
+            return x_Nd.view(T, B, d), None
         stats = BlockStats(
             aux_loss=aux_sum / max(num_passes, 1),
             passes_TB=passes_N.view(T, B),
@@ -151,7 +197,7 @@ class SMoEBlock(nn.Module):
                        else routed_N.view(T, B)),
             dropped=assigned - kept,
             assigned=assigned,
-            trace=passes_trace,
+            trace=passes_trace, expert_rows=expert_rows,
         )
         return x_Nd.view(T, B, d), stats
 

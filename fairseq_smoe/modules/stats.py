@@ -54,7 +54,9 @@ class BlockStats:
     ``aux_loss``: balance loss averaged over the passes run (scalar, keeps its gradient);
     ``passes_TB``: passes per token (0 for tokens that are not routed); ``routed_TB``: which
     tokens were routed; ``dropped`` / ``assigned``: expert assignments dropped by capacity /
-    made (host ints: the passes' plans count them anyway); ``trace``: per-pass detail, or None."""
+    made (host ints: the passes' plans count them anyway); ``trace``: per-pass detail, or None;
+    ``expert_rows``: per global expert, the assignments it computed over all passes (host ints;
+    the exact expert FLOPs of the forward, whatever the experts' widths)."""
 
     aux_loss: Tensor
     passes_TB: Tensor
@@ -62,6 +64,7 @@ class BlockStats:
     dropped: int
     assigned: int
     trace: Optional[List[PassTrace]] = None
+    expert_rows: List[int] = field(default_factory=list)  # per global expert: rows it computed
 
 
 @dataclass

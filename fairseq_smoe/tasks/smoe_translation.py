@@ -3,7 +3,6 @@ MoE user needs: per-direction validation loss and strata passes, clear errors fo
 data or language tokens, and no silently dropped last batch."""
 
 import os
-from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -64,11 +63,29 @@ class SMoETranslationTask(TranslationMultiSimpleEpochTask):
     """Multilingual translation for SMoE models (same data layout and flags as
     ``translation_multi_simple_epoch``)."""
 
+    @staticmethod
+    def add_args(parser):
+        TranslationMultiSimpleEpochTask.add_args(parser)
+        parser.add_argument("--smoe-max-passes", type=int, metavar="K", default=None,
+                            help="compute dial: at evaluation and generation (validation included) "
+                            "every token leaves each SMoE block after at most K strata passes "
+                            "(1..L; default: no cap, the model as trained). Training forwards are "
+                            "not capped: train with --smoe-elastic-passes to serve every K")
+
     @classmethod
     def setup_task(cls, args, **kwargs):
         check_languages(args)
         check_dictionaries(args)
         return super().setup_task(args, **kwargs)
+
+    def build_model(self, args, from_checkpoint=False):
+        model = super().build_model(args, from_checkpoint)
+        k = getattr(self.args, "smoe_max_passes", None)
+        if k is not None:
+            if not hasattr(model, "set_max_passes"):
+                raise ValueError(f"--smoe-max-passes {k} needs an smoe_transformer model, got {type(model).__name__}")
+            model.set_max_passes(k)
+        return model
 
     def __init__(self, args, langs, dicts, training):
         super().__init__(args, langs, dicts, training)

@@ -1,0 +1,179 @@
+"""Expert parallelism: the experts of every SMoE block split over the ranks of the job.
+
+Layout (``ep_layout``, a pure function): with W ranks and E experts,
+* W <= E (W must divide E): one exchange group of all W ranks; rank r holds experts
+  ``r*E/W .. (r+1)*E/W - 1``;
+* W > E (E must divide W): W/E exchange groups of E consecutive ranks, each holding every
+  expert once (rank r holds expert r % E); the W/E copies of an expert form its replica group,
+  whose gradients are summed (the official code's replication).
+Routers, norms, attention and embeddings stay data parallel.
+
+What moves, per strata pass (``ExpertParallel``): one small ``all_gather`` in the exchange group
+of every rank's per-expert loads, rows going to each later stratum and routed rows (host-read
+once: it sizes the exchange, lets every rank apply each sender's own capacity, and keeps the
+strata loop in lockstep), then ``all_to_all_single`` of the kept expert rows to their owners and
+of the outputs back (and the reverse in backward): only kept assignments travel, as
+``[rows, d]``, with per-rank split sizes; nothing is padded to a capacity and nothing is
+one-hot. Capacity is the official code's per-rank one: computed from the rank's own tokens at
+that stratum.
+
+Gradients: an expert's gradient is computed on its owner from every rank's tokens, i.e. it is
+already the sum over the data-parallel ranks. fairseq's ``legacy_ddp`` skips parameters tagged
+``expert`` and the trainer multiplies every gradient by ``W / sample_size``, so the expert
+gradients are divided by W here (``finish_expert_grads``), after summing the replicas.
+"""
+
+import datetime
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .host_sync import read_to_host
+
+DEFAULT_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where experts live (pure data, no process group)."""
+
+    num_experts: int  # E
+    world_size: int  # W
+    rank: int
+    group_ranks: Tuple[int, ...]  # the exchange group of this rank, in group-rank order
+    replica_ranks: Tuple[int, ...]  # ranks holding the same experts as this one (itself included)
+
+    @property
+    def group_size(self) -> int:
+        return len(self.group_ranks)
+
+    @property
+    def group_rank(self) -> int:
+        return self.group_ranks.index(self.rank)
+
+    @property
+    def experts_per_rank(self) -> int:
+        return self.num_experts // self.group_size
+
+    @property
+    def local_experts(self) -> Tuple[int, int]:
+        """Global ids ``[lo, hi)`` of the experts this rank holds."""
+        lo = self.group_rank * self.experts_per_rank
+        return lo, lo + self.experts_per_rank
+
+    def owner(self, expert: int) -> int:
+        """Group rank holding global expert ``expert``."""
+        return expert // self.experts_per_rank
+
+
+def valid_world_sizes(num_experts: int, up_to: int = 64) -> List[int]:
+    return [w for w in range(1, up_to + 1) if num_experts % w == 0 or w % num_experts == 0]
+
+
+def ep_layout(num_experts: int, world_size: int, rank: int) -> Layout:
+    """The expert layout of ``rank`` in a job of ``world_size`` ranks (see the module doc)."""
+    E, W = num_experts, world_size
+    if not (E % W == 0 or W % E == 0):
+        raise ValueError(
+            f"--moe-expert-parallel splits the {E} experts of each SMoE block over the {W} ranks "
+            f"of the job: W must divide E (E/W experts per rank) or E divide W (each expert "
+            f"replicated W/E times); {E} experts and {W} ranks do neither. Valid world sizes for "
+            f"{E} experts: {', '.join(map(str, valid_world_sizes(E)))}, ... (multiples of {E})"
+        )
+    G = min(E, W)
+    start = (rank // G) * G
+    group = tuple(range(start, start + G))
+    replicas = tuple(range(rank % G, W, G))
+    return Layout(E, W, rank, group, replicas)
+
+
+def split_sizes(counts_V: List[int], first: int, layout: Layout) -> List[int]:
+    """Rows per group rank, for rows sorted by visible expert ``first .. E-1`` with ``counts_V``
+    rows each (a rank's experts are a contiguous id range, so its rows are contiguous)."""
+    out = [0] * layout.group_size
+    for j, c in enumerate(counts_V):
+        out[layout.owner(first + j)] += c
+    return out
+
+
+def received_chunks(peer_counts: List[List[int]], first: int, layout: Layout) -> List[Tuple[int, int]]:
+    """(local expert index, rows) of what this rank receives, in arrival order: from group rank
+    0, 1, ... the rows of its visible local experts, expert by expert."""
+    lo, hi = layout.local_experts
+    chunks = []
+    for counts_V in peer_counts:
+        for e in range(max(lo, first), hi):
+            chunks.append((e - lo, counts_V[e - first]))
+    return chunks
+
+
+_GROUPS: Dict[Tuple[int, int, int], "ExpertParallel"] = {}
+
+
+class ExpertParallel:
+    """The process groups and collectives of expert parallelism for E experts (one per E and
+    job, shared by all blocks; see ``for_job``)."""
+
+    def __init__(self, layout: Layout, group, replica_group, timeout_s: int):
+        self.layout = layout
+        self.group = group
+        self.replica_group = replica_group
+        self.timeout_s = timeout_s
+
+    @staticmethod
+    def for_job(num_experts: int, timeout_s: int = DEFAULT_TIMEOUT_S) -> Optional["ExpertParallel"]:
+        """The expert-parallel setup of this job, or None with a single process. Every rank must
+        call this in the same order (it creates process groups)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return None
+        W, rank = dist.get_world_size(), dist.get_rank()
+        key = (num_experts, W, timeout_s)
+        if key not in _GROUPS:
+            layout = ep_layout(num_experts, W, rank)
+            timeout = datetime.timedelta(seconds=timeout_s)
+            G = layout.group_size
+            group = replica_group = None
+            for start in range(0, W, G):  # every rank creates every group, in the same order
+                g = dist.new_group(list(range(start, start + G)), timeout=timeout)
+                if rank in range(start, start + G):
+                    group = g
+            if W > G:
+                for first in range(G):
+                    g = dist.new_group(list(range(first, W, G)), timeout=timeout)
+                    if rank % G == first:
+                        replica_group = g
+            _GROUPS[key] = ExpertParallel(layout, group, replica_group, timeout_s)
+        return _GROUPS[key]
+
+    # -- per pass -----------------------------------------------------------------------------
+
+    def gather_counts(self, local_X: Tensor) -> List[List[int]]:
+        """Every group rank's count vector (same length on all), read to the host once."""
+        parts = [torch.empty_like(local_X) for _ in range(self.layout.group_size)]
+        dist.all_gather(parts, local_X.contiguous(), group=self.group)
+        X = local_X.numel()
+        flat = read_to_host(torch.cat(parts))
+        return [flat[i * X:(i + 1) * X] for i in range(self.layout.group_size)]
+
+    def exchange(self, rows: Tensor, send: List[int], recv: List[int]) -> Tensor:
+        """``all_to_all_single`` of ``rows`` (``[sum(send), d]``) in the exchange group."""
+        out = rows.new_empty((sum(recv),) + tuple(rows.shape[1:]))
+        dist.all_to_all_single(out, rows.contiguous(), output_split_sizes=recv,
+                               input_split_sizes=send, group=self.group)
+        return out
+
+    # -- after backward -------------------------------------------------------------------------
+
+    def finish_expert_grads(self, grads: List[Optional[Tensor]]) -> None:
+        """Sum the replicas' gradients (when experts are replicated), then divide by the
+        data-parallel world size (see the module doc), in place."""
+        W = self.layout.world_size
+        for g in grads:
+            if g is None:
+                continue
+            if self.replica_group is not None:
+                dist.all_reduce(g, group=self.replica_group)
+            g.div_(W)

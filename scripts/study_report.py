@@ -1,0 +1,203 @@
+#!/usr/bin/env python
+"""The small-scale study's report (scripts/study_small_scale.sh writes the runs it reads).
+
+    python scripts/study_report.py OUT_DIR
+
+Reads every OUT_DIR/<run>/train.log (fairseq's JSON log lines: validation loss at every
+validation, words per batch and strata passes per log interval) and writes:
+
+* OUT_DIR/study.png: validation loss (base 2) against updates and against training FLOPs, one
+  line per run (seeds of a system in one colour);
+* OUT_DIR/dial.png: the compute dial (chrF against FLOPs per token at every --smoe-max-passes K)
+  of the dial runs, with the dense model's point;
+* OUT_DIR/study.md: the tables: validation loss per run at every validation, the test scores of
+  the evaluated systems (mean +- std over seeds) and sacreBLEU's paired bootstrap of chrF against
+  dense and against the top-2 MoE (fairseq_smoe.report), the ablations next to smoe at the same
+  update, the dial table.
+
+Training FLOPs: 3 x the forward FLOPs per token of the run's recipe (python -m fairseq_smoe.cost:
+Kaplan's count, with the strata passes per token measured in that log interval) x the target
+tokens of the interval. Forward + backward ~ 3x forward is the usual approximation; it is the same
+for every run, so the comparison between systems holds.
+"""
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MAIN = ("dense", "moe", "smoe")
+
+
+def parse_log(path: Path):
+    """(validations [(update, loss)], intervals [(update, target words, rc_enc, rc_dec)])."""
+    valid, inner = [], []
+    for line in path.read_text(errors="replace").splitlines():
+        m = re.search(r"\| (valid|train_inner) \| (\{.*\})", line)
+        if not m:
+            continue
+        rec = json.loads(m.group(2))
+        if m.group(1) == "valid":
+            valid.append((int(rec["valid_num_updates"]), float(rec["valid_loss"])))
+        else:
+            inner.append((int(rec["num_updates"]), float(rec["wpb"]) * 50,  # --log-interval 50
+                          float(rec.get("rc_enc", 0) or 0), float(rec.get("rc_dec", 0) or 0)))
+    # a resumed run logs some validations twice: keep the last of each update
+    return sorted(dict(valid).items()), inner
+
+
+def run_flags(out: Path, name: str):
+    """(config, extra flags) of a run from runs.txt."""
+    for line in (out / "runs.txt").read_text().splitlines():
+        fields = line.split("|")
+        if fields[0] == name:
+            return fields[2], fields[6].split()
+    raise KeyError(name)
+
+
+def flops_curve(out: Path, name: str, inner):
+    """Cumulative training FLOPs at each logged update."""
+    from fairseq_smoe.cost import count, parse_model_args, shape_from_args
+    from fairseq_smoe.recipes import load_config
+
+    config, extra = run_flags(out, name)
+    flags, _ = load_config(config)
+    data = out / ("bible-ext" if name.startswith("ext-") else "bible")
+    vocab = sum(1 for _ in open(data / "dict.txt", encoding="utf-8")) + 4 + len((data / "langs.txt").read_text().split(","))
+    shape = shape_from_args(parse_model_args([*flags, *extra]), vocab)
+    total, curve = 0.0, {}
+    slots = max(1, sum(1 for i in range(shape.enc_layers) if shape.moe_freq and (i + 1) % shape.moe_freq == 0))
+    for update, words, rc_enc, rc_dec in inner:
+        if shape.moe_freq:
+            per_tok = count(shape, [rc_enc] * slots, [rc_dec] * slots)[1]
+        else:
+            per_tok = count(shape)[1]
+        total += 3 * per_tok * words
+        curve[update] = total
+    return curve
+
+
+def system_of(name: str) -> str:
+    return re.sub(r"-s\d+$", "", name)
+
+
+def main(argv=None):
+    out = Path((argv or sys.argv[1:])[0])
+    runs = [p.name for p in sorted(out.iterdir()) if (p / "train.log").exists()]
+    if not runs:
+        sys.exit(f"error: no run in {out} (expected <run>/train.log from scripts/study_small_scale.sh)")
+    logs = {r: parse_log(out / r / "train.log") for r in runs}
+    flops = {r: flops_curve(out, r, logs[r][1]) for r in runs}
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for r in runs:
+        valid = logs[r][0]
+        if not valid:
+            continue
+        sys_name = system_of(r)
+        colour = colours.setdefault(sys_name, f"C{len(colours) % 10}")
+        style = "-" if sys_name in MAIN or sys_name.startswith("ext-") else "--"
+        label = sys_name if sys_name not in [system_of(q) for q in runs[:runs.index(r)]] else None
+        ups = [u for u, _ in valid]
+        axes[0].plot(ups, [l for _, l in valid], style, color=colour, label=label, linewidth=1.2)
+        f = flops[r]
+        xs = [f.get(u, f[max(k for k in f if k <= u)] if any(k <= u for k in f) else 0.0) for u in ups]
+        axes[1].plot([x / 1e15 for x in xs], [l for _, l in valid], style, color=colour, linewidth=1.2)
+    axes[0].set_xlabel("updates")
+    axes[1].set_xlabel("training FLOPs (PFLOP, 3 x forward)")
+    for ax in axes:
+        ax.set_ylabel("validation loss (base 2)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle("Small-scale study on the Bible benchmark (demo recipe, smoe_transformer_tiny)")
+    fig.tight_layout()
+    fig.savefig(out / "study.png", dpi=120)
+    plt.close(fig)
+
+    lines = ["# Small-scale study (scripts/study_small_scale.sh)", "",
+             "![validation loss](study.png)", "", "## Validation loss (base 2) per run", ""]
+    updates = sorted({u for r in runs for u, _ in logs[r][0]})
+    lines.append("| run | " + " | ".join(str(u) for u in updates) + " |")
+    lines.append("|---|" + "---|" * len(updates))
+    for r in runs:
+        v = dict(logs[r][0])
+        lines.append(f"| {r} | " + " | ".join(f"{v[u]:.3f}" if u in v else "" for u in updates) + " |")
+
+    evaluated = [r for r in runs if (out / r / "eval" / "scores.csv").exists()]
+    if evaluated:
+        groups = {}
+        for r in evaluated:
+            groups.setdefault(system_of(r), []).append(str(out / r / "eval"))
+        specs = [f"{s}={','.join(d)}" for s, d in groups.items()]
+        lines += ["", "## Test set (Mark, beam 5), chrF: mean +- std over seeds, paired bootstrap", ""]
+        for base in ("dense", "moe"):
+            if base not in groups:
+                continue
+            cmd = [sys.executable, "-m", "fairseq_smoe.report", "bible", *specs, "--seeds", "--metric", "chrf",
+                   "--baseline", base, "--data", str(out / "bible")]
+            run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            lines += [f"### against {base}", "", "```", (run.stdout or run.stderr).strip(), "```", ""]
+
+    base = {u: l for u, l in logs.get(f"smoe-s1", ([], []))[0]}
+    abl = [r for r in runs if r.startswith("abl-")]
+    if abl and base:
+        lines += ["## Ablations of smoe (seed 1): validation loss at their last update", "",
+                  "| run | updates | loss | smoe at that update | difference |", "|---|---|---|---|---|"]
+        for r in abl:
+            if not logs[r][0]:
+                continue
+            u, l = logs[r][0][-1]
+            ref = base.get(u)
+            diff = f"{l - ref:+.3f}" if ref is not None else ""
+            lines.append(f"| {r} | {u} | {l:.3f} | {'' if ref is None else f'{ref:.3f}'} | {diff} |")
+
+    dials = [r for r in runs if (out / r / "dial" / "dial.csv").exists()]
+    if dials:
+        import csv
+
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        lines += ["", "## Compute dial (chrF mean over directions at every --smoe-max-passes K)", "",
+                  "![dial](dial.png)", "", "| model | K | passes/token | FLOPs/token | chrF | BLEU |",
+                  "|---|---|---|---|---|---|"]
+        for r in dials:
+            rows = list(csv.DictReader(open(out / r / "dial" / "dial.csv", encoding="utf-8")))
+            ax.plot([float(x["flops_per_token"]) / 1e6 for x in rows], [float(x["chrf"]) for x in rows],
+                    marker="o", label=system_of(r))
+            for x in rows:
+                lines.append(f"| {r} | {x['k']} | {float(x['passes_per_token']):.3f} | "
+                             f"{float(x['flops_per_token']) / 1e6:.2f}M | {float(x['chrf']):.2f} | {float(x['bleu']):.2f} |")
+        dense = [r for r in evaluated if system_of(r) == "dense"]
+        if dense:
+            from fairseq_smoe.cost import config_shape, count
+
+            dense_flops = count(config_shape("demo/dense-tiny", 8000))[1]
+            chrfs = []
+            for r in dense:
+                rows = list(csv.DictReader(open(out / r / "eval" / "scores.csv", encoding="utf-8")))
+                chrfs.append(sum(float(x["chrf"]) for x in rows) / len(rows))
+            ax.scatter([dense_flops / 1e6], [sum(chrfs) / len(chrfs)], marker="*", s=150, color="k", label="dense")
+        ax.set_xlabel("FLOPs per token (M, forward, measured passes)")
+        ax.set_ylabel("chrF (mean over directions)")
+        ax.set_title("Compute dial: --smoe-max-passes K = 1..L")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "dial.png", dpi=120)
+        plt.close(fig)
+    (out / "study.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"wrote {out / 'study.md'}, {out / 'study.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# The small-scale study: when does SMoE beat top-2 MoE and dense on the Bible benchmark, and
+# what holds it back before that. Reproducible (fixed seeds), resumable (a finished run is
+# skipped, an interrupted one resumes from its checkpoint_last.pt), meant for the background:
+#
+#   nohup scripts/study_small_scale.sh [OUT_DIR] > study.log 2>&1 &     # default OUT_DIR runs/study
+#
+# Every run is the `make demo` recipe (configs/demo/: smoe_transformer_tiny, 2+2 layers, d 128,
+# FFN 512, dropout 0, lr 5e-3, 2048 tokens per batch) with one thing changed, one math thread,
+# JOBS (default 2) runs at a time:
+#   main systems, SEEDS (default "1 2"), MAIN_UPDATES (default 2000) updates: dense, moe (top-2,
+#     4 experts), smoe (2,2, official residual); smoe-paper (--smoe-residual paper), first seed;
+#   ablations of smoe, ABL_UPDATES (default 1000): balance-loss weight 0 and 0.1, dropless,
+#     second expert = argmax (policy all), a 3x longer warm-up, MoE in every layer (--moe-freq 1),
+#     and the top-2 MoE dropless;
+#   the extended language set (eng <-> deu,fra,spa,rus,ita,ara,fas,vie,tgl: 18 directions),
+#     EXT_UPDATES (default 1500): dense, moe, smoe;
+#   compute dial and strata widths (issue 13), MAIN_UPDATES: smoe-elastic (--smoe-elastic-passes),
+#     smoe-w256-768 and smoe-w768-256 (--smoe-strata-ffn, as many parameters as smoe).
+# Validation loss (base 2) every VALID_EVERY (250) updates on the first VALID_STEPS (30) valid
+# batches (the same sentences for every run). The main, dial and width systems are then scored
+# on the test set (Mark, beam 5; scripts/evaluate.sh), the dial models also at every
+# --smoe-max-passes K (python -m fairseq_smoe.dial). Finally scripts/study_report.py writes
+# OUT_DIR/study.md and OUT_DIR/study.png (valid loss vs updates and vs training FLOPs) and the
+# paired bootstrap of chrF against dense and against moe.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-runs/study}
+JOBS=${JOBS:-2}
+SEEDS=${SEEDS:-"1 2"}
+MAIN_UPDATES=${MAIN_UPDATES:-2000}
+ABL_UPDATES=${ABL_UPDATES:-1000}
+EXT_UPDATES=${EXT_UPDATES:-1500}
+VALID_EVERY=${VALID_EVERY:-250}
+VALID_STEPS=${VALID_STEPS:-30}
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$OUT"
+
+bash scripts/prepare_data.sh bible "$OUT/bible" >"$OUT/prepare_bible.log" 2>&1 \
+  || { tail -20 "$OUT/prepare_bible.log" >&2; exit 1; }
+bash scripts/prepare_data.sh bible "$OUT/bible-ext" --langs deu,fra,spa,rus,ita,ara,fas,vie,tgl \
+  >"$OUT/prepare_bible_ext.log" 2>&1 || { tail -20 "$OUT/prepare_bible_ext.log" >&2; exit 1; }
+
+# name|data|config|updates|evaluate|dial|extra flags
+first=${SEEDS%% *}
+{
+  for s in $SEEDS; do
+    echo "dense-s$s|bible|demo/dense-tiny|$MAIN_UPDATES|1|0|--seed $s"
+    echo "moe-s$s|bible|demo/moe-tiny|$MAIN_UPDATES|1|0|--seed $s"
+    echo "smoe-s$s|bible|demo/smoe-tiny|$MAIN_UPDATES|1|0|--seed $s"
+  done
+  echo "smoe-paper-s$first|bible|demo/smoe-tiny|$MAIN_UPDATES|1|0|--seed $first --smoe-residual paper"
+  echo "smoe-elastic-s$first|bible|demo/smoe-tiny-elastic|$MAIN_UPDATES|1|1|--seed $first"
+  echo "smoe-w256-768-s$first|bible|demo/smoe-tiny-w256-768|$MAIN_UPDATES|1|0|--seed $first"
+  echo "smoe-w768-256-s$first|bible|demo/smoe-tiny-w768-256|$MAIN_UPDATES|1|0|--seed $first"
+  echo "abl-gate0-s$first|bible|demo/smoe-tiny|$ABL_UPDATES|0|0|--seed $first --moe-gate-loss-wt 0"
+  echo "abl-gate0.1-s$first|bible|demo/smoe-tiny|$ABL_UPDATES|0|0|--seed $first --moe-gate-loss-wt 0.1"
+  echo "abl-dropless-s$first|bible|demo/smoe-tiny|$ABL_UPDATES|0|0|--seed $first --moe-dropless"
+  echo "abl-policy-all-s$first|bible|demo/smoe-tiny|$ABL_UPDATES|0|0|--seed $first --moe-second-expert-policy all"
+  echo "abl-warmup1200-s$first|bible|demo/smoe-tiny|$ABL_UPDATES|0|0|--seed $first --warmup-updates 1200"
+  echo "abl-every-layer-s$first|bible|demo/smoe-tiny|$ABL_UPDATES|0|0|--seed $first --moe-freq 1"
+  echo "abl-moe-dropless-s$first|bible|demo/moe-tiny|$ABL_UPDATES|0|0|--seed $first --moe-dropless"
+  echo "ext-dense-s$first|bible-ext|demo/dense-tiny|$EXT_UPDATES|0|0|--seed $first"
+  echo "ext-moe-s$first|bible-ext|demo/moe-tiny|$EXT_UPDATES|0|0|--seed $first"
+  echo "ext-smoe-s$first|bible-ext|demo/smoe-tiny|$EXT_UPDATES|0|0|--seed $first"
+} >"$OUT/runs.txt"
+# the main systems' seed-1 runs first, so that a shortened study still has them
+echo "study: $(wc -l <"$OUT/runs.txt") runs, $JOBS at a time, logs in $OUT/<run>/" >&2
+
+run_one() {
+  local line=$1 name data config updates eval dial flags dir
+  IFS='|' read -r name data config updates eval dial flags <<<"$line"
+  dir=$OUT/$name
+  mkdir -p "$dir"
+  if [ ! -f "$dir/trained" ]; then
+    echo "  $(date +%H:%M) training $name ($updates updates)" >&2
+    # shellcheck disable=SC2086
+    bash scripts/train.sh "$config" "$OUT/$data" "$dir/ckpt" $flags \
+      --max-update "$updates" --validate-interval-updates "$VALID_EVERY" --max-valid-steps "$VALID_STEPS" \
+      --save-interval-updates "$VALID_EVERY" --keep-interval-updates 1 --no-epoch-checkpoints \
+      --log-format json --log-interval 50 >>"$dir/train.log" 2>&1 \
+      || { echo "  training $name failed: see $dir/train.log" >&2; return 1; }
+    touch "$dir/trained"
+  fi
+  if [ "$eval" = 1 ] && [ ! -f "$dir/eval/scores.csv" ]; then
+    echo "  $(date +%H:%M) evaluating $name" >&2
+    bash scripts/evaluate.sh "$dir/ckpt/checkpoint_last.pt" "$OUT/$data" "$dir/eval" --beam 5 \
+      >"$dir/eval.log" 2>&1 || { echo "  evaluating $name failed: see $dir/eval.log" >&2; return 1; }
+  fi
+  if [ "$dial" = 1 ] && [ ! -f "$dir/dial/dial.csv" ]; then
+    echo "  $(date +%H:%M) compute dial of $name" >&2
+    python -m fairseq_smoe.dial "$dir/ckpt/checkpoint_last.pt" "$OUT/$data" "$dir/dial" --beam 5 \
+      >"$dir/dial.log" 2>&1 || { echo "  dial of $name failed: see $dir/dial.log" >&2; return 1; }
+  fi
+}
+export -f run_one
+export OUT VALID_EVERY VALID_STEPS
+
+# xargs runs JOBS at a time; one failed run does not stop the others (they are reported)
+status=0
+tr '\n' '\0' <"$OUT/runs.txt" | xargs -0 -P "$JOBS" -I{} bash -c 'run_one "$1"' _ {} || status=$?
+# the normally trained SMoE's dial too, once its evaluation is done
+if [ -f "$OUT/smoe-s$first/trained" ] && [ ! -f "$OUT/smoe-s$first/dial/dial.csv" ]; then
+  run_one "smoe-s$first|bible|demo/smoe-tiny|$MAIN_UPDATES|0|1|" || status=1
+fi
+python scripts/study_report.py "$OUT" || status=1
+echo "study: done (status $status); see $OUT/study.md" >&2
+exit $status
