@@ -42,6 +42,7 @@ import sacrebleu
 import torch
 
 from . import benchmarks, report
+from .checkpoint_io import CheckpointError
 from .translator import (
     PATH_FLAGS, SEED, SMoETranslator, TranslatorError, routing_record, seeded, training_task_config,
 )
@@ -249,7 +250,7 @@ def main(argv=None):
     try:
         _, table = evaluate(a.checkpoint, a.data_dir, a.out_dir, a.beam, a.lenpen, a.max_tokens, a.cpu,
                             a.flores200_spm, task_paths=moved, max_passes=a.smoe_max_passes)
-    except TranslatorError as err:
+    except (TranslatorError, CheckpointError) as err:
         sys.exit(f"error: {err}")
     print(table)
 

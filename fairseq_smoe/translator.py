@@ -257,6 +257,13 @@ class SMoETranslator:
         first = self.task(*self.lang_pairs[0].split("-"))
         self.languages = list(first.langs)
         self._check_vocabulary(first, state)
+        # the state is passed on (read once), so fairseq's reader, where checkpoint_io checks that
+        # the architecture is registered, does not run: check here (raises its CheckpointError)
+        from .checkpoint_io import _registration_problem
+
+        problem = _registration_problem(self.checkpoint, state, need_task=False)
+        if problem is not None:
+            raise problem
         models, _ = checkpoint_utils.load_model_ensemble([self.checkpoint], task=first, state=state)
         del state
         self.model = models[0]

@@ -76,6 +76,13 @@ def translator(setup, kind):
     return setup["translators"][kind]
 
 
+def decoded(setup, kind, src, tgt):
+    key = ("decoded", kind, src, tgt)
+    if key not in setup:
+        setup[key] = decode_direction(translator(setup, kind), src, tgt, BEAM, 1.0)
+    return setup[key]
+
+
 def fairseq_generate(setup, kind, src, tgt):
     """Stock fairseq-generate with the training task's flags: {id: D- line text}, BLEU4 line."""
     data = setup["data"]
@@ -98,11 +105,41 @@ def test_decoding_equals_fairseq_generate(setup, kind, src, tgt):
     """Same hypotheses and the same BLEU4 (the paper's spm_bleu: SentencePiece ids, language
     tag included) as fairseq-generate run with the training task's flags."""
     expected, bleu4 = fairseq_generate(setup, kind, src, tgt)
-    got = decode_direction(translator(setup, kind), src, tgt, BEAM, 1.0)
+    got = decoded(setup, kind, src, tgt)
     assert len(expected) == 45 and got.hyps == expected
     assert got.bleu4 == bleu4
     assert got.spm_bleu == float(re.match(r"BLEU4 = ([\d.]+),", bleu4).group(1))
     assert len(set(expected.values())) > 1  # the model does look at its input
+
+
+@torch.no_grad()
+def test_passes_equal_a_separate_teacher_forced_run(setup):
+    """rc_enc / rc_dec, measured batch by batch during decoding, equal a separate run as the
+    evaluator did it before: a freshly loaded model over the whole test set of the training
+    task (all directions in one dataset), teacher-forced."""
+    from fairseq import checkpoint_utils
+
+    from fairseq_smoe.modules.stats import recording
+
+    kind, src, tgt = "lang_dict", "en", "de"
+    (model,), _, task = checkpoint_utils.load_model_ensemble_and_task(
+        [str(setup["ckpt"][kind])], arg_overrides={"data": str(setup["data"] / "data-bin")})
+    model.eval()
+    task.load_dataset("test")
+    direction = task.direction_names.index(f"{src}-{tgt}")
+    totals = {"encoder": [0.0, 0.0], "decoder": [0.0, 0.0]}
+    for sample in task.get_batch_iterator(dataset=task.dataset("test"), max_tokens=4096).next_epoch_itr(shuffle=False):
+        with recording() as rec:
+            model(**sample["net_input"])
+        mine = sample["direction"] == direction
+        for side, acc in totals.items():
+            for b in rec.blocks(side):
+                acc[0] += float(b.passes_TB[:, mine].sum())
+                acc[1] += float(b.routed_TB[:, mine].sum())
+    got = decoded(setup, kind, src, tgt).passes
+    assert set(got) == {"encoder", "decoder"}
+    for side, (p, t) in totals.items():
+        assert t > 0 and got[side] == pytest.approx(p / t, rel=1e-12)
 
 
 def test_evaluate_lang_dict_and_mbart_models(setup):
