@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import fairseq_smoe  # noqa: F401
-from fairseq import options, tasks
+from tiny import build_tiny, toy_sample
 from fairseq_smoe.criterions.smoe_label_smoothed_cross_entropy import cmr_gate_loss
 from fairseq_smoe.models.smoe_transformer import _describe_smoe
 from fairseq_smoe.modules import SMoEBlock, SMoEConfig
@@ -167,24 +167,11 @@ def test_switch_capacity_and_raw_probability_combine():
 
 
 def build(data, *extra):
-    argv = [str(data), "--task", "smoe_translation", "--lang-pairs", "en-de,de-en", "--langs", "en,de",
-            "--encoder-langtok", "tgt", "--decoder-langtok", "--arch", "smoe_transformer_tiny",
-            "--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64",
-            "--criterion", "smoe_label_smoothed_cross_entropy", "--share-all-embeddings", "--cpu", *extra]
-    args = options.parse_args_and_arch(options.get_training_parser(), input_args=argv)
-    task = tasks.setup_task(args)
-    return task, task.build_model(args), task.build_criterion(args)
+    return build_tiny(data, *extra)
 
 
 def sample(task, B=3, S=7, T=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    V = len(task.source_dictionary)
-    src = torch.randint(4, V, (B, S), generator=g)
-    src[0, :2] = task.source_dictionary.pad()  # left padding
-    tgt = torch.randint(4, V, (B, T), generator=g)
-    prev = torch.cat([torch.full((B, 1), task.target_dictionary.eos()), tgt[:, :-1]], 1)
-    return {"net_input": {"src_tokens": src, "src_lengths": torch.tensor([S - 2, S, S]),
-                          "prev_output_tokens": prev}, "target": tgt, "ntokens": B * T}
+    return toy_sample(task, B, S, T, seed)
 
 
 BASELINES = {

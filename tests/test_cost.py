@@ -153,20 +153,27 @@ def save_checkpoint(model, args, path):
                 "optimizer_history": history, "extra_state": {}}, path)
 
 
-def test_measured_passes_from_a_checkpoint(data_dir, capsys):
-    """Zero stratum-0 routers: every top-1 is expert 0 (ties), in stratum 0, so every token
-    makes both passes of strata 2,2: measured 2.0 instead of the balanced 1.5."""
-    args = parse(data_dir, "--share-all-embeddings", "--smoe-strata", "2,2")
+def measured_with_zero_routers(data_dir, capsys, name, *flags):
+    """Zero stratum-0 routers send every token's top-1 to expert 0 (ties) and its second choice
+    to expert 1; the cost tool's JSON row of that checkpoint, and the task and flags."""
+    args = parse(data_dir, "--share-all-embeddings", *flags)
     task = tasks.setup_task(args)
     torch.manual_seed(0)
     model = task.build_model(args)
     for side in ("encoder", "decoder"):
         for block in model.smoe_blocks(side):
             torch.nn.init.zeros_(block.routers[0].weight)
-    ckpt = data_dir / "smoe.pt"
+    ckpt = data_dir / name
     save_checkpoint(model, args, ckpt)
     main(["--checkpoint", str(ckpt), "--data", str(data_dir), "--json"])
     (row,) = json.loads(capsys.readouterr().out)
+    return row, task, args, ckpt
+
+
+def test_measured_passes_from_a_checkpoint(data_dir, capsys):
+    """Every top-1 is expert 0, in stratum 0, so every token makes both passes of strata 2,2:
+    measured 2.0 instead of the balanced 1.5."""
+    row, task, args, ckpt = measured_with_zero_routers(data_dir, capsys, "smoe.pt", "--smoe-strata", "2,2")
     shape = shape_from_args(args, len(task.source_dictionary))
     params, balanced = count(shape)
     _, measured = count(shape, [2.0], [2.0])
@@ -209,17 +216,8 @@ def test_measured_flops_count_each_experts_rows_at_its_width(data_dir, capsys):
     and its top-2 to expert 1: every token makes both passes; the measured expert FLOPs are
     exactly the computed rows times each expert's size."""
     ffn = lambda d, f: 2 * d * f + f + d  # noqa: E731
-    args = parse(data_dir, "--share-all-embeddings", "--smoe-strata", "1,3", "--smoe-strata-ffn", "16,96")
-    task = tasks.setup_task(args)
-    torch.manual_seed(0)
-    model = task.build_model(args)
-    for side in ("encoder", "decoder"):
-        for block in model.smoe_blocks(side):
-            torch.nn.init.zeros_(block.routers[0].weight)
-    ckpt = data_dir / "het.pt"
-    save_checkpoint(model, args, ckpt)
-    main(["--checkpoint", str(ckpt), "--data", str(data_dir), "--json"])
-    (row,) = json.loads(capsys.readouterr().out)
+    row, task, args, _ = measured_with_zero_routers(
+        data_dir, capsys, "het.pt", "--smoe-strata", "1,3", "--smoe-strata-ffn", "16,96")
     shape = shape_from_args(args, len(task.source_dictionary))
     params, balanced = count(shape)
     # pass 0: experts 0 (narrow) and 1 (wide) per token; pass 1: two of the 3 wide ones

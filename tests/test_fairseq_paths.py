@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import fairseq_smoe  # noqa: F401
+from tiny import build_tiny, toy_sample
 import fairseq_smoe.criterions.smoe_label_smoothed_cross_entropy as criterion_module
-from fairseq import options, tasks
 from fairseq_smoe.modules import SMoEBlock, SMoEConfig
 from fairseq_smoe.modules.host_sync import HostSyncAudit, host_reads
 from fairseq_smoe.modules.stats import recording
@@ -19,24 +19,11 @@ D, FFN = 8, 16
 
 
 def build(data, *extra):
-    argv = [str(data), "--task", "smoe_translation", "--lang-pairs", "en-de,de-en", "--langs", "en,de",
-            "--encoder-langtok", "tgt", "--decoder-langtok", "--arch", "smoe_transformer_tiny",
-            "--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64",
-            "--criterion", "smoe_label_smoothed_cross_entropy", "--share-all-embeddings", "--cpu", *extra]
-    args = options.parse_args_and_arch(options.get_training_parser(), input_args=argv)
-    task = tasks.setup_task(args)
-    return task, task.build_model(args), task.build_criterion(args)
+    return build_tiny(data, *extra)
 
 
 def sample(task, B=3, S=7, T=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    V = len(task.source_dictionary)
-    src = torch.randint(4, V, (B, S), generator=g)
-    src[0, :2] = task.source_dictionary.pad()  # left padding
-    tgt = torch.randint(4, V, (B, T), generator=g)
-    prev = torch.cat([torch.full((B, 1), task.target_dictionary.eos()), tgt[:, :-1]], 1)
-    return {"net_input": {"src_tokens": src, "src_lengths": torch.tensor([S - 2, S, S]),
-                          "prev_output_tokens": prev}, "target": tgt, "ntokens": B * T}
+    return toy_sample(task, B, S, T, seed)
 
 
 def train_step_grads(data, *flags, steps=1):

@@ -72,13 +72,6 @@ def check_flags(args) -> None:
             f"(1-based) is one when i % {args.moe_freq} == 0. Use --moe-freq 1..{layers}, or "
             f"--moe-freq 0 for a dense model"
         )
-    f = args.moe_eval_capacity_token_fraction
-    if f is not None and not 0 < f <= 1:
-        raise ValueError(
-            f"--moe-eval-capacity-token-fraction must be in (0, 1] (capacity per expert = "
-            f"ceil(F * tokens); an expert never gets more than every token), got {f}; omit it "
-            f"for unlimited capacity at evaluation (the default: nothing dropped)"
-        )
     for flag in ("scale_fc", "scale_resids"):
         if getattr(args, flag, False):
             raise ValueError(f"--{flag.replace('_', '-')} is not supported by SMoE layers")

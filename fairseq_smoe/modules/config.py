@@ -86,8 +86,9 @@ class SMoEConfig:
         f = self.eval_capacity_token_fraction
         if f is not None and not 0 < f <= 1:
             raise ValueError(
-                f"--moe-eval-capacity-token-fraction must be in (0, 1], got {f}; omit it for "
-                f"unlimited capacity at evaluation"
+                f"--moe-eval-capacity-token-fraction must be in (0, 1] (capacity per expert = "
+                f"ceil(F * tokens); an expert never gets more than every token), got {f}; omit it "
+                f"for unlimited capacity at evaluation (the default: nothing dropped)"
             )
         if self.dropless and f is not None:
             raise ValueError(
