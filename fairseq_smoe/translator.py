@@ -292,10 +292,11 @@ class SMoETranslator:
             path = getattr(cfg, flag, None)
             if path is not None and not os.path.isfile(path):
                 opt = flag.replace("_", "-")
+                what = (f"the checkpoint was trained with --{opt} {trained}, which does not exist here"
+                        if path == trained else
+                        f"--{opt} {path}, given as the new place of the training task's {trained}, does not exist")
                 raise TranslatorError(
-                    f"the checkpoint was trained with --{opt} {trained}, which does not exist "
-                    + (f"(nor does the given {path}) " if path != trained else "")
-                    + f"here; decoding needs that file (for --lang-dict its language order fixes the "
+                    f"{what}; decoding needs that file (for --lang-dict its language order fixes the "
                     f"language-token ids). Restore it, or give its new place: evaluate --{opt} PATH, "
                     f"SMoETranslator(..., task_paths={{'{flag}': PATH}})"
                 )
