@@ -9,22 +9,13 @@ import pytest
 import torch
 
 import fairseq_smoe  # noqa: F401
+from tiny import save_checkpoint
 from data_prep.spm_binarize import prepare
 from fairseq import options, tasks
 from fairseq_smoe.analyze import AnalysisError, analyze, frequency_ranks
 from fairseq_smoe.modules.stats import recording
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def save_checkpoint(model, args, path):
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.to_container(convert_namespace_to_omegaconf(args), resolve=True, enum_to_str=True)
-    history = [{"criterion_name": "x", "optimizer_name": "x", "lr_scheduler_state": {}, "num_updates": 0}]
-    torch.save({"cfg": cfg, "model": model.state_dict(), "args": None,
-                "optimizer_history": history, "extra_state": {}}, path)
 
 
 @pytest.fixture(scope="module")

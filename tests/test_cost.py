@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fairseq_smoe  # noqa: F401
+from tiny import save_checkpoint
 from fairseq import options, tasks
 from fairseq_smoe.cost import config_shape, count, expected_passes, main, shape_from_args
 
@@ -141,16 +142,6 @@ def test_param_count_matches_a_real_model(data_dir, flags):
     model = task.build_model(args)
     V = len(task.source_dictionary)
     assert sum(p.numel() for p in model.parameters()) == count(shape_from_args(args, V))[0]
-
-
-def save_checkpoint(model, args, path):
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.to_container(convert_namespace_to_omegaconf(args), resolve=True, enum_to_str=True)
-    history = [{"criterion_name": "x", "optimizer_name": "x", "lr_scheduler_state": {}, "num_updates": 0}]
-    torch.save({"cfg": cfg, "model": model.state_dict(), "args": None,
-                "optimizer_history": history, "extra_state": {}}, path)
 
 
 def measured_with_zero_routers(data_dir, capsys, name, *flags):

@@ -94,3 +94,36 @@ def test_task_flag_sets_the_dial_on_every_block(dict_dir):
     assert blocks and all(b.max_passes == 1 for b in blocks)
     with pytest.raises(ValueError, match="--smoe-max-passes must be in 1..2"):
         build_task(dict_dir, "--smoe-max-passes", "3")
+
+
+def test_dial_cli_tabulates_every_k_with_the_measured_flops(dict_dir, tmp_path, monkeypatch):
+    """python -m fairseq_smoe.dial: one evaluation per K = 1..L with --smoe-max-passes K (the
+    evaluator itself is tested in test_translator.py), means over directions, and FLOPs per
+    token from the cost tool with the measured passes."""
+    from fairseq_smoe import dial as dial_module, evaluate as evaluate_module
+    from fairseq_smoe.cost import count, shape_from_args
+    from tiny import build_tiny, save_checkpoint
+
+    task, model, _ = build_tiny(dict_dir, "--smoe-strata", "2,2")
+    ckpt = tmp_path / "m.pt"
+    save_checkpoint(model, task.args, ckpt)
+    args, vocab = task.args, len(task.source_dictionary)
+    calls = []
+
+    def fake_evaluate(checkpoint, data_dir, out_dir, beam, lenpen, max_tokens, cpu, max_passes):
+        calls.append(max_passes)
+        k = max_passes
+        return [{"chrf": 10.0 * k, "bleu": k, "spm_bleu": k, "rc_enc": 1.0 + 0.2 * (k - 1),
+                 "rc_dec": 1.0 + 0.4 * (k - 1)},
+                {"chrf": 20.0 * k, "bleu": 3 * k, "spm_bleu": k, "rc_enc": 1.0, "rc_dec": 1.0}], ""
+
+    monkeypatch.setattr(evaluate_module, "evaluate", fake_evaluate)
+    rows = dial_module.dial(ckpt, tmp_path, tmp_path / "dial")
+    assert calls == [1, 2] and [r["k"] for r in rows] == [1, 2]
+    assert rows[1]["chrf"] == 30.0 and rows[1]["passes_enc"] == pytest.approx(1.1)
+    shape = shape_from_args(args, vocab)
+    assert rows[1]["flops_per_token"] == pytest.approx(count(shape, [1.1], [1.2])[1])
+    assert rows[0]["flops_per_token"] < rows[1]["flops_per_token"]
+    text = (tmp_path / "dial" / "dial.csv").read_text()
+    assert text.splitlines()[0].startswith("k,chrf,bleu") and len(text.splitlines()) == 3
+    assert (tmp_path / "dial" / "dial.png").read_bytes()[:4] == b"\x89PNG"

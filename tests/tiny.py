@@ -26,3 +26,14 @@ def toy_sample(task, B=3, S=7, T=5, seed=0):
     prev = torch.cat([torch.full((B, 1), task.target_dictionary.eos()), tgt[:, :-1]], 1)
     return {"net_input": {"src_tokens": src, "src_lengths": torch.tensor([S - 2, S, S]),
                           "prev_output_tokens": prev}, "target": tgt, "ntokens": B * T}
+
+
+def save_checkpoint(model, args, path):
+    """``model`` as a checkpoint file the way fairseq-train writes one (cfg, model, history)."""
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(convert_namespace_to_omegaconf(args), resolve=True, enum_to_str=True)
+    history = [{"criterion_name": "x", "optimizer_name": "x", "lr_scheduler_state": {}, "num_updates": 0}]
+    torch.save({"cfg": cfg, "model": model.state_dict(), "args": None,
+                "optimizer_history": history, "extra_state": {}}, path)
