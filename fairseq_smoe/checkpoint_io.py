@@ -276,6 +276,8 @@ def _load_checkpoint_to_cpu(original):
             if index is not None:  # a shard set: this rank's part of it (everything without a target)
                 state = checkpoints.ShardSet(path, index).assemble(target)
                 state = checkpoints.finish_like_fairseq(state, arg_overrides)
+            elif target is not None and local and zipfile.is_zipfile(path):
+                state = checkpoints.load_mapped(str(path), arg_overrides)
             else:
                 state = original(path, arg_overrides, load_on_all_ranks)
         except CheckpointError:

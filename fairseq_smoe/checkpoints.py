@@ -43,7 +43,6 @@ Command line: ``python -m fairseq_smoe.checkpoints {consolidate,reshard,check}``
 """
 
 import argparse
-import copy
 import glob
 import hashlib
 import json
@@ -429,8 +428,8 @@ class ShardSet:
             return self._cache[rank]
         entry = self.index["files"][rank]
         f = os.path.join(self.directory, entry["file"])
-        try:
-            obj = torch.load(f, map_location="cpu", weights_only=True)
+        try:  # memory-mapped: a rank copies only the slices it keeps
+            obj = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
         except Exception as err:  # noqa: BLE001
             raise CheckpointError(self.path, f"lists {entry['file']}, which cannot be read ({type(err).__name__}: "
                                   f"{str(err).splitlines()[0] if str(err) else ''})",
@@ -574,6 +573,13 @@ def rescale_iterator(extra_state: dict, world_size: int) -> None:
                 f"after its first {total} batches ({itr['iterations_in_epoch']} per rank now)")
     if again:
         logger.warning(f"{total} batches do not split over {world_size} ranks: {again} of them will be seen again")
+
+
+def load_mapped(path: str, arg_overrides=None) -> dict:
+    """fairseq's load_checkpoint_to_cpu with the file memory-mapped (copy-on-write): every
+    expert-parallel rank reads the checkpoint, and keeps only its slices of the experts, so the
+    ranks of a node share one copy in the page cache instead of each holding the whole file."""
+    return finish_like_fairseq(torch.load(path, map_location="cpu", weights_only=True, mmap=True), arg_overrides)
 
 
 def finish_like_fairseq(state: dict, arg_overrides=None) -> dict:

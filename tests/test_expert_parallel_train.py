@@ -9,8 +9,8 @@ design). The 2-rank expert-parallel run is held to a 1-process run with ``--upda
 gradient of every parameter (Adam's first moment after update 1 is 0.1 x the gradient), the
 weights and the optimizer state after 4 updates, from the consolidated checkpoints. Then: resume
 at 1 and at 2 ranks from its update-2 checkpoint (the latter writing a shard set), decoding in
-one process, one stratum, a world size that fits neither way, damaged shard sets, and a rank
-that is killed or stalls.
+one process, one stratum with each expert replicated on 4 ranks (E < W), a world size that fits
+neither way, damaged shard sets, and a rank that is killed or stalls.
 """
 
 import contextlib
@@ -250,13 +250,18 @@ def test_expert_parallel_checkpoints_decode_in_one_process(runs, data, tmp_path)
     assert hypotheses(data, tmp / "r2" / "checkpoint_last.pt") == consolidated
 
 
-def test_one_stratum(data, tmp_path):
-    one = ok(train_one(data, tmp_path / "one", "--smoe-strata", 4, "--update-freq", 2, "--max-update", 2))
-    two = ok(train_sh(data, tmp_path / "two", "--smoe-strata", 4, "--max-update", 2, ranks=2))
-    assert "local_experts=(0, 2)" in two
-    assert_logs_equal(one, two, range(1, 3))
-    assert all(float(r["rc_enc"]) == 1.0 for r in json_logs(two))
-    assert_states_close(load(tmp_path / "one" / "checkpoint_last.pt"), load(tmp_path / "two" / "checkpoint_last.pt"))
+def test_one_stratum_with_experts_replicated_on_four_ranks(data, tmp_path):
+    """E = 2 experts in one stratum (vanilla top-2 MoE) on 4 ranks: 2 exchange groups of 2 ranks,
+    each expert held by 2 replicas whose gradients are summed; against 1 process, --update-freq 4."""
+    flags = ("--moe-expert-count", 2, "--smoe-strata", 2)
+    one = ok(train_one(data, tmp_path / "one", *flags, "--update-freq", 4, "--max-update", 2))
+    four = ok(train_sh(data, tmp_path / "four", *flags, "--max-update", 2, ranks=4))
+    assert "on 4 worker(s) with --moe-expert-parallel" in four and "local_experts=(0, 1)" in four
+    assert_logs_equal(one, four, range(1, 3))
+    assert all(float(r["rc_enc"]) == 1.0 for r in json_logs(four))
+    a, b = load(tmp_path / "one" / "checkpoint_last.pt"), load(tmp_path / "four" / "checkpoint_last.pt")
+    assert b["model"]["decoder.layers.1.moe.experts.w1"].shape == (2, 128, 512)
+    assert_states_close(a, b)
 
 
 # ----------------------------------------------------------------------------- bad inputs
