@@ -61,7 +61,7 @@ DAMAGED = "copy it again from where it came from, or " + WRITTEN_BY_TRAIN.replac
 LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 
 _resuming = contextvars.ContextVar("fairseq_smoe_resuming", default=None)
-_ep_target = contextvars.ContextVar("fairseq_smoe_ep_target", default=None)  # checkpoints.Plan of the loading rank
+_ep_target = contextvars.ContextVar("fairseq_smoe_ep_target", default=None)  # (Plan, reset_optimizer) of an EP rank
 _ep_norm = contextvars.ContextVar("fairseq_smoe_ep_norm", default=None)  # exchange group while clipping
 _building = contextvars.ContextVar("fairseq_smoe_building", default=None)
 _last_read = [None]
@@ -270,11 +270,11 @@ def _load_checkpoint_to_cpu(original):
         from . import checkpoints
 
         local = _is_local(path)
-        target = _ep_target.get()
+        target, reset_optimizer = _ep_target.get() or (None, False)
         index = checkpoints.read_index(path) if local else None
         try:
             if index is not None:  # a shard set: this rank's part of it (everything without a target)
-                state = checkpoints.ShardSet(path, index).assemble(target)
+                state = checkpoints.ShardSet(path, index).assemble(target, optimizer=not reset_optimizer)
                 state = checkpoints.finish_like_fairseq(state, arg_overrides)
             elif target is not None and local and zipfile.is_zipfile(path):
                 state = checkpoints.load_mapped(str(path), arg_overrides)
@@ -291,6 +291,8 @@ def _load_checkpoint_to_cpu(original):
         if problem:
             raise CheckpointError(path, problem, _resume_fix(WRITTEN_BY_TRAIN))
         if target is not None:  # an expert-parallel rank: its experts and their optimizer state
+            if reset_optimizer:  # --reset-optimizer: fairseq ignores it; do not split or check it
+                state.pop("last_optimizer_state", None)
             if index is None:
                 checkpoints.localize(state, target, str(path))
             elif state.get("last_optimizer_state") is not None:
@@ -340,8 +342,9 @@ def _trainer_load_checkpoint(original):
 
         plan = checkpoints.plan_for(self)
         target = plan if plan is not None and plan.is_ep else None
+        reset_optimizer = kwargs.get("reset_optimizer", args[0] if args else False)
         token = _resuming.set(str(filename))
-        ep_token = _ep_target.set(target)
+        ep_token = _ep_target.set(None if target is None else (target, bool(reset_optimizer)))
         ckpt_cfg = self.cfg.checkpoint
         all_ranks = ckpt_cfg.load_checkpoint_on_all_dp_ranks
         if target is not None and not all_ranks:

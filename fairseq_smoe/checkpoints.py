@@ -26,9 +26,10 @@ consolidated file does (it is assembled in memory; each expert-parallel rank rea
 the shards holding its experts only).
 
 **Loading at another world size.** An expert-parallel rank takes its slice ``[lo, hi)`` of every
-expert tensor and of the same optimizer-state tensors (every rank reads the checkpoint itself:
-``load_checkpoint_on_all_dp_ranks`` is forced, since fairseq's broadcast of rank 0's state
-cannot hand out per-rank slices). Every optimizer-state tensor is checked against its
+expert tensor and of the same optimizer-state tensors (every rank reads the checkpoint itself,
+memory-mapped, so the ranks of a node share the page cache: ``load_checkpoint_on_all_dp_ranks``
+is forced, since fairseq's broadcast of rank 0's state cannot hand out per-rank slices; with
+``--reset-optimizer`` the optimizer state is dropped unread). Every optimizer-state tensor is checked against its
 parameter's shape (torch's optimizer loader does not check), so state of another model never
 loads silently. The epoch iterator's position is rescaled to the new world size (fairseq
 counts batches per rank; ``iterations_in_epoch x W_saved / W_now``), so the resumed run sees
@@ -457,10 +458,12 @@ class ShardSet:
         self._cache[rank] = obj
         return obj
 
-    def assemble(self, plan: Optional[Plan] = None) -> dict:
+    def assemble(self, plan: Optional[Plan] = None, optimizer: bool = True) -> dict:
         """The fairseq checkpoint of this set: full experts, or this rank's slices for an
-        expert-parallel ``plan``."""
+        expert-parallel ``plan``; without ``optimizer``, no optimizer state."""
         base = self.shard(0)
+        if not optimizer:
+            base = {k: v for k, v in base.items() if k != "last_optimizer_state"}
         meta = base.get("extra_state", {}).get(META) or {}
         expert_keys = meta.get("expert_keys") or []
         param_names = meta.get("param_names") or []

@@ -360,6 +360,58 @@ def test_reshard_round_trip_and_world_sizes_it_cannot_serve(runs, tmp_path, caps
     assert "cannot be split for --world-size 3" in err and "4 experts and 3 ranks do neither" in err
 
 
+def rank_plan(state, rank, world=2):
+    """The checkpoints.Plan that expert-parallel rank ``rank`` of ``world`` would have (without
+    starting processes): its parameters' shapes, experts [lo, hi) of 4."""
+    meta = state["extra_state"]["smoe_parallel"]
+    lo, hi = rank * 4 // world, (rank + 1) * 4 // world
+    expert = {n: (lo, hi, 4) for n in meta["expert_keys"]}
+    params = [torch.empty((hi - lo,) + tuple(state["model"][n].shape[1:])) if n in expert
+              else torch.empty(state["model"][n].shape) for n in meta["param_names"]]
+    return checkpoints.Plan(meta["param_names"], params, expert, ep=object(), world_size=world, num_experts=4)
+
+
+def test_an_expert_parallel_rank_loads_its_slice_and_never_wrong_optimizer_state(runs, tmp_path):
+    from fairseq_smoe import checkpoint_io
+
+    path = runs["tmp"] / "two" / "checkpoint_last.pt"
+    full = load(path)
+    plan = rank_plan(full, 1)
+    names = plan.names
+
+    def as_rank(p, reset=False):
+        token = checkpoint_io._ep_target.set((plan, reset))
+        try:
+            return checkpoint_utils.load_checkpoint_to_cpu(str(p))
+        finally:
+            checkpoint_io._ep_target.reset(token)
+
+    for src in (path, runs["tmp"] / "r2" / "checkpoint_last.pt"):  # consolidated file, shard set
+        mine = as_rank(src)
+        w1 = "encoder.layers.1.moe.experts.w1"
+        assert torch.equal(mine["model"][w1], full["model"][w1][2:4])
+        i = names.index(w1)
+        assert torch.equal(mine["last_optimizer_state"]["state"][i]["exp_avg"],
+                           full["last_optimizer_state"]["state"][i]["exp_avg"][2:4])
+    # optimizer state that is not this model's: torch would cast it in without looking
+    bad = load(path)
+    j = names.index("decoder.layers.0.fc1.weight")
+    bad["last_optimizer_state"]["state"][j]["exp_avg"] = torch.zeros(3, 3)
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError) as err:
+        as_rank(tmp_path / "bad.pt")
+    assert str(tmp_path / "bad.pt") in str(err.value) and "decoder.layers.0.fc1.weight" in str(err.value)
+    assert "does not belong to this model" in str(err.value)
+    assert "last_optimizer_state" not in as_rank(tmp_path / "bad.pt", reset=True)  # --reset-optimizer
+    # a checkpoint holding only rank 0's experts (what fairseq alone would save) is refused
+    half = load(path)
+    half["model"][w1] = half["model"][w1][:2]
+    torch.save(half, tmp_path / "half.pt")
+    with pytest.raises(CheckpointError) as err:
+        as_rank(tmp_path / "half.pt")
+    assert f"holds 2 experts in {w1}, this model's blocks have 4" in str(err.value)
+
+
 # ----------------------------------------------------------------------------- faults
 
 
