@@ -21,6 +21,12 @@ to ``NAME.tmp`` and renames it (without fsync), but makes the others (``checkpoi
 directory, are fsynced and ``os.replace``d over ``NAME`` (then the directory is fsynced): a kill at
 any moment leaves either the previous file or the new one, never a partial one (at most a stale
 ``NAME.tmp``, overwritten by the next save).
+
+Expert parallelism (``--moe-expert-parallel``; the formats and the logic are in
+``checkpoints.py``): the trainer's save gathers every rank's experts and their optimizer state
+into one consolidated file, or writes a shard set (``--moe-sharded-checkpoint``); its load gives
+each rank its slice of either, at any world size; the gradient norm (``--clip-norm``, the logged
+``gnorm``) includes the experts, which fairseq's own norm leaves out.
 """
 
 import argparse
@@ -34,7 +40,7 @@ import traceback
 import zipfile
 
 import torch
-from fairseq import checkpoint_utils, trainer as fairseq_trainer
+from fairseq import checkpoint_utils, trainer as fairseq_trainer, utils as fairseq_utils
 from fairseq.file_io import PathManager
 
 
@@ -55,6 +61,8 @@ DAMAGED = "copy it again from where it came from, or " + WRITTEN_BY_TRAIN.replac
 LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 
 _resuming = contextvars.ContextVar("fairseq_smoe_resuming", default=None)
+_ep_target = contextvars.ContextVar("fairseq_smoe_ep_target", default=None)  # (Plan, reset_optimizer) of an EP rank
+_ep_norm = contextvars.ContextVar("fairseq_smoe_ep_norm", default=None)  # exchange group while clipping
 _building = contextvars.ContextVar("fairseq_smoe_building", default=None)
 _last_read = [None]
 
@@ -180,8 +188,14 @@ def _error_from(path, err):
 
 
 def read_checkpoint(path):
-    """torch.load a fairseq checkpoint (weights_only stays on); CheckpointError if it is not one."""
+    """torch.load a fairseq checkpoint (weights_only stays on); CheckpointError if it is not one.
+    A shard index (--moe-sharded-checkpoint) is read as the checkpoint its files make up."""
+    from . import checkpoints
+
     path = str(path)
+    index = checkpoints.read_index(path)
+    if index is not None:
+        return checkpoints.ShardSet(path, index).assemble()
     try:
         state = _torch_load(path)
     except Exception as err:  # noqa: BLE001
@@ -253,9 +267,19 @@ def _wrap(original, wrapper):
 
 def _load_checkpoint_to_cpu(original):
     def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
+        from . import checkpoints
+
         local = _is_local(path)
+        target, reset_optimizer = _ep_target.get() or (None, False)
+        index = checkpoints.read_index(path) if local else None
         try:
-            state = original(path, arg_overrides, load_on_all_ranks)
+            if index is not None:  # a shard set: this rank's part of it (everything without a target)
+                state = checkpoints.ShardSet(path, index).assemble(target, optimizer=not reset_optimizer)
+                state = checkpoints.finish_like_fairseq(state, arg_overrides)
+            elif target is not None and local and zipfile.is_zipfile(path):
+                state = checkpoints.load_mapped(str(path), arg_overrides)
+            else:
+                state = original(path, arg_overrides, load_on_all_ranks)
         except CheckpointError:
             raise
         except Exception as err:  # noqa: BLE001
@@ -266,6 +290,13 @@ def _load_checkpoint_to_cpu(original):
         problem = structure_problem(state)
         if problem:
             raise CheckpointError(path, problem, _resume_fix(WRITTEN_BY_TRAIN))
+        if target is not None:  # an expert-parallel rank: its experts and their optimizer state
+            if reset_optimizer:  # --reset-optimizer: fairseq ignores it; do not split or check it
+                state.pop("last_optimizer_state", None)
+            if index is None:
+                checkpoints.localize(state, target, str(path))
+            elif state.get("last_optimizer_state") is not None:
+                checkpoints.check_optimizer_state(state["last_optimizer_state"], target, str(path))
         building = _building.get()
         if building is not None:
             found = _registration_problem(path, state, building["need_task"])
@@ -305,9 +336,29 @@ def _load_model_ensemble_and_task(original):
 
 def _trainer_load_checkpoint(original):
     def load_checkpoint(self, filename, *args, **kwargs):
+        from omegaconf import open_dict
+
+        from . import checkpoints
+
+        plan = checkpoints.plan_for(self)
+        target = plan if plan is not None and plan.is_ep else None
+        reset_optimizer = kwargs.get("reset_optimizer", args[0] if args else False)
         token = _resuming.set(str(filename))
+        ep_token = _ep_target.set(None if target is None else (target, bool(reset_optimizer)))
+        ckpt_cfg = self.cfg.checkpoint
+        all_ranks = ckpt_cfg.load_checkpoint_on_all_dp_ranks
+        if target is not None and not all_ranks:
+            # every rank reads its own experts: fairseq's broadcast of rank 0's state cannot slice
+            with open_dict(ckpt_cfg):
+                ckpt_cfg.load_checkpoint_on_all_dp_ranks = True
         try:
-            return original(self, filename, *args, **kwargs)
+            extra_state = original(self, filename, *args, **kwargs)
+            if plan is not None and extra_state is not None:
+                meta = extra_state.get(checkpoints.META) or {}
+                if meta.get("run_id"):
+                    self._smoe_run_id = meta["run_id"]
+                checkpoints.rescale_iterator(extra_state, plan.world_size)
+            return extra_state
         except CheckpointError:
             raise
         except Exception as err:  # noqa: BLE001
@@ -319,6 +370,10 @@ def _trainer_load_checkpoint(original):
                 filename, f"does not fit the model this fairseq-train command builds: {inner}") from inner
         finally:
             _resuming.reset(token)
+            _ep_target.reset(ep_token)
+            if ckpt_cfg.load_checkpoint_on_all_dp_ranks != all_ranks:
+                with open_dict(ckpt_cfg):
+                    ckpt_cfg.load_checkpoint_on_all_dp_ranks = all_ranks
 
     return _wrap(original, load_checkpoint)
 
@@ -337,6 +392,117 @@ def _load_checkpoint(original):
         return original(cfg, trainer, **passthrough_args)
 
     return _wrap(original, load_checkpoint)
+
+
+# ----------------------------------------------------------------------------- expert parallelism
+
+
+def _trainer_consolidate_optimizer(original):
+    """Every rank passes here at each save (fairseq's checkpoint_utils.save_checkpoint): the
+    collective part of an expert-parallel save."""
+
+    def consolidate_optimizer(self):
+        from . import checkpoints
+
+        original(self)
+        self._smoe_pending = None
+        plan = checkpoints.plan_for(self)
+        if plan is not None and plan.is_ep:
+            self._smoe_pending = checkpoints.prepare_save(self, plan)
+
+    return _wrap(original, consolidate_optimizer)
+
+
+def _trainer_state_dict(original):
+    def state_dict(self):
+        from . import checkpoints
+
+        state = original(self)
+        plan = checkpoints.plan_for(self)
+        if plan is None:
+            return state
+        pending = self.__dict__.get("_smoe_pending")
+        if plan.is_ep and pending is None:
+            raise RuntimeError(
+                "Trainer.state_dict() of an expert-parallel run holds only this rank's experts; save with "
+                "fairseq's checkpoint_utils.save_checkpoint, which every rank calls (it gathers the experts)")
+        state["extra_state"][checkpoints.META] = plan.meta(checkpoints.run_id_of(self))
+        if pending is not None and pending.mode == "consolidated":
+            checkpoints.consolidated_state(state, pending, plan)
+        return state
+
+    return _wrap(original, state_dict)
+
+
+def _trainer_save_checkpoint(original):
+    def save_checkpoint(self, filename, extra_state):
+        from . import checkpoints
+
+        pending = self.__dict__.get("_smoe_pending")
+        if pending is None or pending.mode != "sharded" or not self.should_save_checkpoint_on_current_rank:
+            return original(self, filename, extra_state)
+        return checkpoints.save_sharded(self, filename, extra_state, pending)
+
+    return _wrap(original, save_checkpoint)
+
+
+def _save_checkpoint(original):
+    def save_checkpoint(cfg, trainer, epoch_itr, val_loss):
+        from . import checkpoints
+
+        try:
+            return original(cfg, trainer, epoch_itr, val_loss)
+        finally:
+            pending = trainer.__dict__.get("_smoe_pending")
+            trainer._smoe_pending = None
+            if pending is not None and pending.mode == "sharded" and trainer.data_parallel_rank == 0 \
+                    and os.path.isdir(cfg.save_dir):
+                checkpoints.sweep_shards(cfg.save_dir)
+
+    return _wrap(original, save_checkpoint)
+
+
+def _trainer_clip_grad_norm(original):
+    def clip_grad_norm(self, clip_norm):
+        from . import checkpoints
+
+        plan = checkpoints.plan_for(self)
+        token = _ep_norm.set(plan.ep if plan is not None and plan.is_ep else None)
+        try:
+            return original(self, clip_norm)
+        finally:
+            _ep_norm.reset(token)
+
+    return _wrap(original, clip_grad_norm)
+
+
+def _clip_grad_norm_(original):
+    """fairseq's norm leaves out parameters tagged ``expert``; with expert parallelism the
+    experts' squared norm, summed over one exchange group (every expert once), is added, so the
+    norm (and clipping) is the one-process model's and the same on every rank."""
+
+    def clip_grad_norm_(params, max_norm, aggregate_norm_fn=None):
+        ep = _ep_norm.get()
+        if ep is None:
+            return original(params, max_norm, aggregate_norm_fn)
+        import torch.distributed as dist
+
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        grads = [p.grad.detach() for p in params if getattr(p, "grad", None) is not None and hasattr(p, "expert")]
+        device = grads[0].device if grads else next((p.device for p in params), torch.device("cpu"))
+        sq = torch.zeros((), dtype=torch.float32, device=device)
+        for g in grads:
+            sq += g.float().pow(2).sum()
+        ep._run("all_reduce of the experts' gradient norm", ep.layout.group_ranks,
+                dist.all_reduce, sq, group=ep.group)
+
+        def with_experts(total):
+            total = aggregate_norm_fn(total) if aggregate_norm_fn is not None else total
+            return (total.float() ** 2 + sq.to(total.device)).sqrt()
+
+        return original(params, max_norm, with_experts)
+
+    return _wrap(original, clip_grad_norm_)
 
 
 # ----------------------------------------------------------------------------- atomic writing
@@ -404,10 +570,39 @@ class _AtomicCopyPathManager:
 # ----------------------------------------------------------------------------- install
 
 
+_PEER_FAILURE = re.compile(r"Connection (reset|closed) by peer|Timed out waiting|NCCL communicator was aborted|"
+                           r"Watchdog caught collective operation timeout|DistNetworkError|DistBackendError")
+
+
+def _distributed_failure(value):
+    """The one-line message for a collective that failed because a peer rank went away."""
+    from .modules.expert_parallel import ExpertParallelError, _first_line as cause
+
+    seen = set()
+    while value is not None and id(value) not in seen:
+        seen.add(id(value))
+        if isinstance(value, ExpertParallelError):
+            return str(value)
+        if isinstance(value, RuntimeError) and _PEER_FAILURE.search(f"{type(value).__name__}: {value}"):
+            import torch.distributed as dist
+
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else "?"
+            return (f"a collective of the distributed job failed on rank {rank}: {cause(value)}. A peer rank "
+                    f"died or stopped responding (read its log); this rank stops too. Restart the job with the same "
+                    f"command and --save-dir to resume from checkpoint_last.pt")
+        value = value.__cause__ or value.__context__
+    return None
+
+
 def _excepthook(previous):
     def hook(kind, value, tb):
+        failure = None if isinstance(value, CheckpointError) else _distributed_failure(value)
         if isinstance(value, CheckpointError):
             print(f"error: {value}", file=sys.stderr, flush=True)
+        elif failure is not None:
+            where = traceback.extract_tb(tb)[-1] if tb is not None else None
+            at = f" [{kind.__name__} at {os.path.basename(where.filename)}:{where.lineno} in {where.name}]" if where else ""
+            print(f"error: {failure}{at}", file=sys.stderr, flush=True)
         else:
             previous(kind, value, tb)
 
@@ -424,8 +619,14 @@ def install():
         cu.load_checkpoint = _load_checkpoint(cu.load_checkpoint)
         cu.torch_persistent_save = _torch_persistent_save(cu.torch_persistent_save)
         cu.PathManager = _AtomicCopyPathManager()
+        cu.save_checkpoint = _save_checkpoint(cu.save_checkpoint)
         Trainer = fairseq_trainer.Trainer
         Trainer.load_checkpoint = _trainer_load_checkpoint(Trainer.load_checkpoint)
+        Trainer.consolidate_optimizer = _trainer_consolidate_optimizer(Trainer.consolidate_optimizer)
+        Trainer.state_dict = _trainer_state_dict(Trainer.state_dict)
+        Trainer.save_checkpoint = _trainer_save_checkpoint(Trainer.save_checkpoint)
+        Trainer.clip_grad_norm = _trainer_clip_grad_norm(Trainer.clip_grad_norm)
+        fairseq_utils.clip_grad_norm_ = _clip_grad_norm_(fairseq_utils.clip_grad_norm_)
     if not getattr(sys.excepthook, "_fairseq_smoe", False):
         sys.excepthook = _excepthook(sys.excepthook)
 

@@ -15,7 +15,7 @@ from fairseq.models.transformer import (
 from ..modules.cmr import CMRBlock
 from ..modules.config import RESIDUAL_MODES, SECOND_EXPERT_POLICIES, SMoEConfig, parse_strata
 from ..modules.layers import SMoEDecoderLayer, SMoEEncoderLayer
-from ..modules.expert_parallel import DEFAULT_TIMEOUT_S, ExpertParallel, ep_layout
+from ..modules.expert_parallel import DEFAULT_TIMEOUT_S, ExpertParallel, apply_job_timeout, ep_layout
 from ..modules.smoe_block import SMoEBlock
 from ..modules.stats import current_record, recording
 
@@ -107,6 +107,17 @@ def check_expert_parallel(args, cfg) -> None:
             f"--moe-expert-parallel needs --ddp-backend legacy_ddp (got {ddp}): it must not "
             f"all-reduce the expert parameters, which differ between ranks"
         )
+    half = "--fp16" if getattr(args, "fp16", False) else "--bf16" if getattr(args, "bf16", False) else None
+    if half and not (getattr(args, "fp16_no_flatten_grads", False) or getattr(args, "memory_efficient_fp16", False)
+                     or getattr(args, "memory_efficient_bf16", False)):
+        raise ValueError(
+            f"--moe-expert-parallel with {half} needs --fp16-no-flatten-grads (scripts/train.sh adds it): "
+            f"fairseq's FP16Optimizer otherwise keeps every parameter in one flat fp32 buffer, whose "
+            f"gradient norm would mix this rank's experts into the shared parameters' (the ranks disagree "
+            f"and fairseq stops with 'gradients are inconsistent between workers') and whose optimizer "
+            f"state cannot be split per expert for checkpoints"
+        )
+    apply_job_timeout(args.moe_ep_timeout)  # fairseq's own all-reduces fail after it too
 
 
 def expert_parallel_for(cfg):
@@ -214,7 +225,14 @@ class SMoETransformerModel(TransformerModel):
                             "rank holds every expert)")
         parser.add_argument("--moe-ep-timeout", type=int, metavar="SECONDS",
                             help="expert-parallel collectives fail after this long without a peer "
-                            f"(a rank that died) instead of hanging (default: {DEFAULT_TIMEOUT_S})")
+                            f"(a rank that died or stalled) instead of hanging; also applied to the "
+                            f"job's other collectives (default: {DEFAULT_TIMEOUT_S})")
+        parser.add_argument("--moe-sharded-checkpoint", action="store_true",
+                            help="with --moe-expert-parallel: every checkpoint is a small index "
+                            "(NAME.pt) and one file per expert-holding rank, written without gathering "
+                            "the experts to rank 0; it loads at any world size like the default "
+                            "consolidated file (python -m fairseq_smoe.checkpoints consolidate/"
+                            "reshard convert between the two)")
         parser.add_argument("--moe-route-padding", action="store_true",
                             help="route padding tokens like real ones (official behaviour; "
                             "default: padding takes no capacity)")
@@ -341,6 +359,7 @@ def smoe_base_architecture(args):
     _default(args, "moe_stack", 1)
     _default(args, "moe_expert_parallel", False)
     _default(args, "moe_ep_timeout", DEFAULT_TIMEOUT_S)
+    _default(args, "moe_sharded_checkpoint", False)
     _default(args, "cmr_gate_drop", 0.0)
     _default(args, "moe_eval_capacity_token_fraction", None)
     base_architecture(args)

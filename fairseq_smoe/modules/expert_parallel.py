@@ -24,6 +24,7 @@ gradients are divided by W here (``finish_expert_grads``), after summing the rep
 """
 
 import datetime
+import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -34,6 +35,48 @@ from torch import Tensor
 from .host_sync import read_to_host
 
 DEFAULT_TIMEOUT_S = 300
+
+
+class ExpertParallelError(RuntimeError):
+    """A collective of expert parallelism failed: a peer rank died, stalled past the timeout, or
+    the ranks disagree. The message names the collective, the ranks, the elapsed time, the
+    timeout and what to do."""
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    # gloo's own advice ("This is typically caused by a remote worker hanging ...") is what the
+    # message says next, in the terms of this job
+    return lines[0].split(" This is typically caused")[0] if lines else type(err).__name__
+
+
+def collective_failure(what: str, ranks, elapsed_s: float, timeout_s: int, err: BaseException) -> str:
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return (
+        f"expert parallelism: {what} among ranks {', '.join(map(str, ranks))} failed on rank {rank} after "
+        f"{elapsed_s:.1f}s (--moe-ep-timeout {timeout_s}s): {_first_line(err)}. A peer rank died or stopped "
+        f"responding (read its log); this rank stops too. Restart the job with the same command and "
+        f"--save-dir (scripts/train.sh resumes from SAVE_DIR/checkpoint_last.pt)"
+    )
+
+
+def apply_job_timeout(timeout_s: int) -> None:
+    """Give the job's default process group and fairseq's global group (whose collectives are
+    the gradient all-reduce and the statistics sync) the expert-parallel timeout, so that a rank
+    that stops answering fails every peer within ``timeout_s`` instead of torch's defaults (30
+    minutes for gloo, 10 for NCCL). Every rank calls it, in the same order."""
+    from torch.distributed import distributed_c10d as c10d
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    set_timeout = getattr(c10d, "_set_pg_timeout", None)
+    from fairseq.distributed import utils as fairseq_dist
+
+    if not hasattr(fairseq_dist.get_global_group, "_global_group"):
+        fairseq_dist.get_global_group._global_group = dist.new_group(timeout=timeout)
+    elif set_timeout is not None:
+        set_timeout(timeout, fairseq_dist.get_global_group._global_group)
+    if set_timeout is not None:  # torch >= 2.3
+        set_timeout(timeout)
 
 
 @dataclass(frozen=True)
@@ -150,10 +193,22 @@ class ExpertParallel:
 
     # -- per pass -----------------------------------------------------------------------------
 
+    def _run(self, what: str, ranks, fn, *args, **kwargs):
+        """A collective; its failure becomes one ExpertParallelError naming what failed."""
+        start = time.monotonic()
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as err:
+            if isinstance(err, ExpertParallelError):
+                raise
+            raise ExpertParallelError(
+                collective_failure(what, ranks, time.monotonic() - start, self.timeout_s, err)) from err
+
     def gather_counts(self, local_X: Tensor) -> List[List[int]]:
         """Every group rank's count vector (same length on all), read to the host once."""
         parts = [torch.empty_like(local_X) for _ in range(self.layout.group_size)]
-        dist.all_gather(parts, local_X.contiguous(), group=self.group)
+        self._run("all_gather of the per-expert counts", self.layout.group_ranks,
+                  dist.all_gather, parts, local_X.contiguous(), group=self.group)
         X = local_X.numel()
         flat = read_to_host(torch.cat(parts))
         return [flat[i * X:(i + 1) * X] for i in range(self.layout.group_size)]
@@ -161,8 +216,9 @@ class ExpertParallel:
     def exchange(self, rows: Tensor, send: List[int], recv: List[int]) -> Tensor:
         """``all_to_all_single`` of ``rows`` (``[sum(send), d]``) in the exchange group."""
         out = rows.new_empty((sum(recv),) + tuple(rows.shape[1:]))
-        dist.all_to_all_single(out, rows.contiguous(), output_split_sizes=recv,
-                               input_split_sizes=send, group=self.group)
+        self._run(f"all_to_all_single of {sum(send)} expert rows", self.layout.group_ranks,
+                  dist.all_to_all_single, out, rows.contiguous(), output_split_sizes=recv,
+                  input_split_sizes=send, group=self.group)
         return out
 
     # -- after backward -------------------------------------------------------------------------
@@ -175,5 +231,6 @@ class ExpertParallel:
             if g is None:
                 continue
             if self.replica_group is not None:
-                dist.all_reduce(g, group=self.replica_group)
+                self._run("all_reduce of the expert replicas' gradients", self.layout.replica_ranks,
+                          dist.all_reduce, g, group=self.replica_group)
             g.div_(W)
