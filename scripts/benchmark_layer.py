@@ -311,7 +311,8 @@ class Case:
         return x.grad
 
 
-def run(names, tokens, reps, warmup, device, log=print, skews=("balanced",), phases=("train",)):
+def run(names, tokens, reps, warmup, device, log=print, skews=("balanced",), phases=("train",),
+        onehot=True):
     """Time every variant of every configuration, routing skew and phase (training: forward
     and forward + backward; evaluation: forward, no capacity limit); the first (warm-up) call
     of ``ours`` and ``onehot`` also measures their peak memory (it is not timed)."""
@@ -321,6 +322,7 @@ def run(names, tokens, reps, warmup, device, log=print, skews=("balanced",), pha
         for phase in phases:
             for skew in skews:
                 case = Case(name, tokens, device, skew=skew, phase=phase)
+                case.has_onehot = case.has_onehot and onehot
                 log(f"# {name} {phase} {skew}: {tokens} tokens, {case.rows} expert rows computed "
                     f"({case.passes:.2f} passes/token, {100 * case.drop_frac:.1f}% assignments "
                     f"dropped, busiest expert {case.imbalance:.2f}x the mean load)")
@@ -406,6 +408,8 @@ def main(argv=None):
                    help="intra-op CPU threads (default: torch's, all cores)")
     p.add_argument("--skews", default="balanced",
                    help=f"comma-separated routing skews of {', '.join(SKEWS)} (default balanced)")
+    p.add_argument("--no-onehot", action="store_true",
+                   help="skip the one-hot baseline (slow under skew: its buffers grow with the busiest expert)")
     p.add_argument("--phases", default="train",
                    help="train (capacity, fwd and fwd_bwd) and/or eval (no capacity, fwd) (default train)")
     args = p.parse_args(argv)
@@ -431,7 +435,8 @@ def main(argv=None):
     log(f"# device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{reps} repetitions after {warmup} warm-up, medians")
     t0 = time.time()
-    results = run(names, tokens, reps, warmup, device, log, skews=skews, phases=phases)
+    results = run(names, tokens, reps, warmup, device, log, skews=skews, phases=phases,
+                  onehot=not args.no_onehot)
     log(f"# total {time.time() - t0:.0f} s")
     if args.json:
         print(json.dumps(results, indent=1))

@@ -10,12 +10,13 @@
 # JOBS (default 2) runs at a time:
 #   main systems, SEEDS (default "1 2"), MAIN_UPDATES (default 2000) updates: dense, moe (top-2,
 #     4 experts), smoe (2,2, official residual); smoe-paper (--smoe-residual paper), first seed;
-#   ablations of smoe, ABL_UPDATES (default 1000): balance-loss weight 0 and 0.1, dropless,
+#   ablations of smoe, ABL_UPDATES (default 600): balance-loss weight 0 and 0.1, dropless,
 #     second expert = argmax (policy all), a 3x longer warm-up, MoE in every layer (--moe-freq 1),
 #     and the top-2 MoE dropless;
 #   the extended language set (eng <-> deu,fra,spa,rus,ita,ara,fas,vie,tgl: 18 directions),
-#     EXT_UPDATES (default 1500): dense, moe, smoe;
-#   compute dial and strata widths (issue 13), MAIN_UPDATES: smoe-elastic (--smoe-elastic-passes),
+#     EXT_UPDATES (default 1000): dense, moe, smoe;
+#   compute dial and strata widths (issue 13), DIAL_UPDATES (default 1500): smoe-elastic
+#     (--smoe-elastic-passes),
 #     smoe-w256-768 and smoe-w768-256 (--smoe-strata-ffn, as many parameters as smoe).
 # Validation loss (base 2) every VALID_EVERY (250) updates on the first VALID_STEPS (30) valid
 # batches (the same sentences for every run). The main, dial and width systems are then scored
@@ -29,8 +30,9 @@ OUT=${1:-runs/study}
 JOBS=${JOBS:-2}
 SEEDS=${SEEDS:-"1 2"}
 MAIN_UPDATES=${MAIN_UPDATES:-2000}
-ABL_UPDATES=${ABL_UPDATES:-1000}
-EXT_UPDATES=${EXT_UPDATES:-1500}
+ABL_UPDATES=${ABL_UPDATES:-600}
+EXT_UPDATES=${EXT_UPDATES:-1000}
+DIAL_UPDATES=${DIAL_UPDATES:-1500}
 VALID_EVERY=${VALID_EVERY:-250}
 VALID_STEPS=${VALID_STEPS:-30}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
@@ -51,9 +53,9 @@ first=${SEEDS%% *}
     echo "smoe-s$s|bible|demo/smoe-tiny|$MAIN_UPDATES|1|0|--seed $s"
   done
   echo "smoe-paper-s$first|bible|demo/smoe-tiny|$MAIN_UPDATES|1|0|--seed $first --smoe-residual paper"
-  echo "smoe-elastic-s$first|bible|demo/smoe-tiny-elastic|$MAIN_UPDATES|1|1|--seed $first"
-  echo "smoe-w256-768-s$first|bible|demo/smoe-tiny-w256-768|$MAIN_UPDATES|1|0|--seed $first"
-  echo "smoe-w768-256-s$first|bible|demo/smoe-tiny-w768-256|$MAIN_UPDATES|1|0|--seed $first"
+  echo "smoe-elastic-s$first|bible|demo/smoe-tiny-elastic|$DIAL_UPDATES|1|1|--seed $first"
+  echo "smoe-w256-768-s$first|bible|demo/smoe-tiny-w256-768|$DIAL_UPDATES|1|0|--seed $first"
+  echo "smoe-w768-256-s$first|bible|demo/smoe-tiny-w768-256|$DIAL_UPDATES|1|0|--seed $first"
   echo "abl-gate0-s$first|bible|demo/smoe-tiny|$ABL_UPDATES|0|0|--seed $first --moe-gate-loss-wt 0"
   echo "abl-gate0.1-s$first|bible|demo/smoe-tiny|$ABL_UPDATES|0|0|--seed $first --moe-gate-loss-wt 0.1"
   echo "abl-dropless-s$first|bible|demo/smoe-tiny|$ABL_UPDATES|0|0|--seed $first --moe-dropless"
