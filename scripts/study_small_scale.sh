@@ -15,7 +15,7 @@
 #     and the top-2 MoE dropless;
 #   the extended language set (eng <-> deu,fra,spa,rus,ita,ara,fas,vie,tgl: 18 directions),
 #     EXT_UPDATES (default 1000): dense, moe, smoe;
-#   compute dial and strata widths (issue 13), DIAL_UPDATES (default 1500): smoe-elastic
+#   compute dial and strata widths (issue 13), DIAL_UPDATES (default MAIN_UPDATES): smoe-elastic
 #     (--smoe-elastic-passes),
 #     smoe-w256-768 and smoe-w768-256 (--smoe-strata-ffn, as many parameters as smoe).
 # Validation loss (base 2) every VALID_EVERY (250) updates on the first VALID_STEPS (30) valid
@@ -32,7 +32,7 @@ SEEDS=${SEEDS:-"1 2"}
 MAIN_UPDATES=${MAIN_UPDATES:-2000}
 ABL_UPDATES=${ABL_UPDATES:-600}
 EXT_UPDATES=${EXT_UPDATES:-1000}
-DIAL_UPDATES=${DIAL_UPDATES:-1500}
+DIAL_UPDATES=${DIAL_UPDATES:-$MAIN_UPDATES}
 VALID_EVERY=${VALID_EVERY:-250}
 VALID_STEPS=${VALID_STEPS:-30}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
