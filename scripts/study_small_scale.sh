@@ -8,13 +8,13 @@
 # Every run is the `make demo` recipe (configs/demo/: smoe_transformer_tiny, 2+2 layers, d 128,
 # FFN 512, dropout 0, lr 5e-3, 2048 tokens per batch) with one thing changed, one math thread,
 # JOBS (default 2) runs at a time:
-#   main systems, SEEDS (default "1 2"), MAIN_UPDATES (default 2000) updates: dense, moe (top-2,
+#   main systems, SEEDS (default "1 2"), MAIN_UPDATES (default 1250) updates: dense, moe (top-2,
 #     4 experts), smoe (2,2, official residual); smoe-paper (--smoe-residual paper), first seed;
-#   ablations of smoe, ABL_UPDATES (default 600): balance-loss weight 0 and 0.1, dropless,
-#     second expert = argmax (policy all), a 3x longer warm-up, MoE in every layer (--moe-freq 1),
-#     and the top-2 MoE dropless;
+#   ablations of smoe, ABL_UPDATES (default 500): balance-loss weight 0, dropless,
+#     second expert = argmax (policy all), a 3x longer warm-up, MoE in every layer (--moe-freq 1);
+#     EXTRA_ABLATIONS=1 adds balance-loss weight 0.1 and the top-2 MoE dropless;
 #   the extended language set (eng <-> deu,fra,spa,rus,ita,ara,fas,vie,tgl: 18 directions),
-#     EXT_UPDATES (default 1000): dense, moe, smoe;
+#     EXT_UPDATES (default 500): dense, moe, smoe;
 #   compute dial and strata widths (issue 13), DIAL_UPDATES (default MAIN_UPDATES): smoe-elastic
 #     (--smoe-elastic-passes),
 #     smoe-w256-768 and smoe-w768-256 (--smoe-strata-ffn, as many parameters as smoe).
@@ -29,9 +29,9 @@ cd "$(dirname "$0")/.."
 OUT=${1:-runs/study}
 JOBS=${JOBS:-2}
 SEEDS=${SEEDS:-"1 2"}
-MAIN_UPDATES=${MAIN_UPDATES:-2000}
-ABL_UPDATES=${ABL_UPDATES:-600}
-EXT_UPDATES=${EXT_UPDATES:-1000}
+MAIN_UPDATES=${MAIN_UPDATES:-1250}
+ABL_UPDATES=${ABL_UPDATES:-500}
+EXT_UPDATES=${EXT_UPDATES:-500}
 DIAL_UPDATES=${DIAL_UPDATES:-$MAIN_UPDATES}
 VALID_EVERY=${VALID_EVERY:-250}
 VALID_STEPS=${VALID_STEPS:-30}
@@ -57,12 +57,14 @@ first=${SEEDS%% *}
   echo "smoe-w256-768-s$first|bible|demo/smoe-tiny-w256-768|$DIAL_UPDATES|1|0|--seed $first"
   echo "smoe-w768-256-s$first|bible|demo/smoe-tiny-w768-256|$DIAL_UPDATES|1|0|--seed $first"
   echo "abl-gate0-s$first|bible|demo/smoe-tiny|$ABL_UPDATES|0|0|--seed $first --moe-gate-loss-wt 0"
-  echo "abl-gate0.1-s$first|bible|demo/smoe-tiny|$ABL_UPDATES|0|0|--seed $first --moe-gate-loss-wt 0.1"
   echo "abl-dropless-s$first|bible|demo/smoe-tiny|$ABL_UPDATES|0|0|--seed $first --moe-dropless"
   echo "abl-policy-all-s$first|bible|demo/smoe-tiny|$ABL_UPDATES|0|0|--seed $first --moe-second-expert-policy all"
   echo "abl-warmup1200-s$first|bible|demo/smoe-tiny|$ABL_UPDATES|0|0|--seed $first --warmup-updates 1200"
   echo "abl-every-layer-s$first|bible|demo/smoe-tiny|$ABL_UPDATES|0|0|--seed $first --moe-freq 1"
-  echo "abl-moe-dropless-s$first|bible|demo/moe-tiny|$ABL_UPDATES|0|0|--seed $first --moe-dropless"
+  if [ "${EXTRA_ABLATIONS:-0}" = 1 ]; then
+    echo "abl-gate0.1-s$first|bible|demo/smoe-tiny|$ABL_UPDATES|0|0|--seed $first --moe-gate-loss-wt 0.1"
+    echo "abl-moe-dropless-s$first|bible|demo/moe-tiny|$ABL_UPDATES|0|0|--seed $first --moe-dropless"
+  fi
   echo "ext-dense-s$first|bible-ext|demo/dense-tiny|$EXT_UPDATES|0|0|--seed $first"
   echo "ext-moe-s$first|bible-ext|demo/moe-tiny|$EXT_UPDATES|0|0|--seed $first"
   echo "ext-smoe-s$first|bible-ext|demo/smoe-tiny|$EXT_UPDATES|0|0|--seed $first"

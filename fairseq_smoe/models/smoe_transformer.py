@@ -3,7 +3,9 @@
 import re
 from typing import List
 
+from fairseq import hub_utils
 from fairseq.distributed import fsdp_wrap
+from fairseq.hub_utils import GeneratorHubInterface
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer import (
     TransformerDecoderBase,
@@ -166,10 +168,30 @@ class SMoETransformerDecoder(TransformerDecoderBase):
         return _wrap(layer, cfg)
 
 
+class SMoEHubInterface(GeneratorHubInterface):
+    """fairseq's hub interface, decoding as ``fairseq-generate`` does: the symbols the task's
+    generator strips from its output (the target-language token the multilingual task forces,
+    unless ``--keep-inference-langtok``) are stripped here too; fairseq's hub leaves them in."""
+
+    def __init__(self, cfg, task, models):
+        super().__init__(cfg, task, models)
+        self.symbols_to_strip = task.build_generator(models, cfg.generation).symbols_to_strip_from_output
+
+    def string(self, tokens):
+        return self.tgt_dict.string(tokens, extra_symbols_to_ignore=self.symbols_to_strip)
+
+
 @register_model("smoe_transformer")
 class SMoETransformerModel(TransformerModel):
     """Transformer (pre-LN) whose every ``--moe-freq``-th encoder and decoder FFN is an SMoE
     block with ``--moe-expert-count`` experts split into strata ``--smoe-strata``."""
+
+    @classmethod
+    def from_pretrained(cls, model_name_or_path, checkpoint_file="model.pt", data_name_or_path=".", **kwargs):
+        """fairseq's hub loading, returning an :class:`SMoEHubInterface`."""
+        x = hub_utils.from_pretrained(model_name_or_path, checkpoint_file, data_name_or_path,
+                                      archive_map=cls.hub_models(), **kwargs)
+        return SMoEHubInterface(x["args"], x["task"], x["models"])
 
     @classmethod
     def add_args(cls, parser):
