@@ -134,6 +134,24 @@ def main(argv=None):
         v = dict(logs[r][0])
         lines.append(f"| {r} | " + " | ".join(f"{v[u]:.3f}" if u in v else "" for u in updates) + " |")
 
+    seeded = {}
+    for r in runs:
+        if system_of(r) in MAIN and logs[r][0]:
+            seeded.setdefault(system_of(r), []).append(dict(logs[r][0]))
+    common = sorted(set.intersection(*(set(v) for vs in seeded.values() for v in vs))) if seeded else []
+    if common and max(len(vs) for vs in seeded.values()) > 1:
+        lines += ["", "## Seed spread of the main systems: validation loss, mean +- std over seeds", "",
+                  "| system | seeds | " + " | ".join(str(u) for u in common) + " |",
+                  "|---|---|" + "---|" * len(common)]
+        for sys_name, vs in seeded.items():
+            cells = []
+            for u in common:
+                xs = [v[u] for v in vs]
+                m = sum(xs) / len(xs)
+                sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+                cells.append(f"{m:.3f} +- {sd:.3f}")
+            lines.append(f"| {sys_name} | {len(vs)} | " + " | ".join(cells) + " |")
+
     evaluated = [r for r in runs if (out / r / "eval" / "scores.csv").exists()]
     if evaluated:
         groups = {}
@@ -148,6 +166,32 @@ def main(argv=None):
                    "--baseline", base, "--data", str(out / "bible")]
             run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             lines += [f"### against {base}", "", "```", (run.stdout or run.stderr).strip(), "```", ""]
+
+    widths = [r for r in evaluated if system_of(r) in ("smoe", "smoe-w256-768", "smoe-w768-256")]
+    if len(widths) > 1:
+        import csv
+
+        from fairseq_smoe.cost import count, parse_model_args, shape_from_args
+        from fairseq_smoe.recipes import load_config
+
+        lines += ["", "## Strata widths (--smoe-strata-ffn) at equal parameters", "",
+                  "| run | strata FFN | parameters | passes/token enc / dec | FLOPs/token (measured passes) "
+                  "| chrF | valid loss |", "|---|---|---|---|---|---|---|"]
+        for r in widths:
+            config, extra = run_flags(out, r)
+            flags, _ = load_config(config)
+            vocab = sum(1 for _ in open(out / "bible" / "dict.txt", encoding="utf-8")) + 4 + \
+                len((out / "bible" / "langs.txt").read_text().split(","))
+            shape = shape_from_args(parse_model_args([*flags, *extra]), vocab)
+            rows = list(csv.DictReader(open(out / r / "eval" / "scores.csv", encoding="utf-8")))
+            enc = sum(float(x["rc_enc"]) for x in rows) / len(rows)
+            dec = sum(float(x["rc_dec"]) for x in rows) / len(rows)
+            slots = sum(1 for i in range(shape.enc_layers) if (i + 1) % shape.moe_freq == 0)
+            params, flops = count(shape, [enc] * slots, [dec] * slots)[:2]
+            chrf = sum(float(x["chrf"]) for x in rows) / len(rows)
+            ffn = ",".join(str(f) for f in shape.strata_ffn) if getattr(shape, "strata_ffn", None) else "uniform"
+            lines.append(f"| {r} | {ffn} | {params / 1e6:.2f}M | {enc:.3f} / {dec:.3f} | {flops / 1e6:.2f}M | "
+                         f"{chrf:.2f} | {logs[r][0][-1][1]:.3f} |")
 
     base = {u: l for u, l in logs.get(f"smoe-s1", ([], []))[0]}
     abl = [r for r in runs if r.startswith("abl-")]

@@ -8,8 +8,9 @@
 # Every run is the `make demo` recipe (configs/demo/: smoe_transformer_tiny, 2+2 layers, d 128,
 # FFN 512, dropout 0, lr 5e-3, 2048 tokens per batch) with one thing changed, one math thread,
 # JOBS (default 2) runs at a time:
-#   main systems, SEEDS (default "1 2"), MAIN_UPDATES (default 1250) updates: dense, moe (top-2,
-#     4 experts), smoe (2,2, official residual); smoe-paper (--smoe-residual paper), first seed;
+#   main systems, MAIN_UPDATES (default 1250) updates: dense, moe (top-2, 4 experts), smoe (2,2,
+#     official residual), smoe-paper (--smoe-residual paper); the main three again with the other
+#     SEEDS (default "1 2"), SEED_UPDATES (default 750) updates (the seed spread of the curves);
 #   ablations of smoe, ABL_UPDATES (default 500): balance-loss weight 0, dropless,
 #     second expert = argmax (policy all), a 3x longer warm-up, MoE in every layer (--moe-freq 1);
 #     EXTRA_ABLATIONS=1 adds balance-loss weight 0.1 and the top-2 MoE dropless;
@@ -19,9 +20,10 @@
 #     (--smoe-elastic-passes),
 #     smoe-w256-768 and smoe-w768-256 (--smoe-strata-ffn, as many parameters as smoe).
 # Validation loss (base 2) every VALID_EVERY (250) updates on the first VALID_STEPS (30) valid
-# batches (the same sentences for every run). The main, dial and width systems are then scored
-# on the test set (Mark, beam 5; scripts/evaluate.sh), the dial models also at every
-# --smoe-max-passes K (python -m fairseq_smoe.dial). Finally scripts/study_report.py writes
+# batches (the same sentences for every run). The first-seed main, dial and width systems are
+# then scored on the test set (Mark, beam 5; scripts/evaluate.sh); smoe and smoe-elastic at every
+# --smoe-max-passes K (python -m fairseq_smoe.dial; its K = L decode, the model as trained, is
+# their evaluation: eval -> dial/K<L>). Finally scripts/study_report.py writes
 # OUT_DIR/study.md and OUT_DIR/study.png (valid loss vs updates and vs training FLOPs) and the
 # paired bootstrap of chrF against dense and against moe.
 set -euo pipefail
@@ -33,6 +35,7 @@ MAIN_UPDATES=${MAIN_UPDATES:-1250}
 ABL_UPDATES=${ABL_UPDATES:-500}
 EXT_UPDATES=${EXT_UPDATES:-500}
 DIAL_UPDATES=${DIAL_UPDATES:-$MAIN_UPDATES}
+SEED_UPDATES=${SEED_UPDATES:-750}
 VALID_EVERY=${VALID_EVERY:-250}
 VALID_STEPS=${VALID_STEPS:-30}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
@@ -47,10 +50,13 @@ bash scripts/prepare_data.sh bible "$OUT/bible-ext" --langs deu,fra,spa,rus,ita,
 # name|data|config|updates|evaluate|dial|extra flags
 first=${SEEDS%% *}
 {
-  for s in $SEEDS; do
-    echo "dense-s$s|bible|demo/dense-tiny|$MAIN_UPDATES|1|0|--seed $s"
-    echo "moe-s$s|bible|demo/moe-tiny|$MAIN_UPDATES|1|0|--seed $s"
-    echo "smoe-s$s|bible|demo/smoe-tiny|$MAIN_UPDATES|1|0|--seed $s"
+  echo "dense-s$first|bible|demo/dense-tiny|$MAIN_UPDATES|1|0|--seed $first"
+  echo "moe-s$first|bible|demo/moe-tiny|$MAIN_UPDATES|1|0|--seed $first"
+  echo "smoe-s$first|bible|demo/smoe-tiny|$MAIN_UPDATES|1|1|--seed $first"
+  for s in ${SEEDS#"$first"}; do
+    echo "dense-s$s|bible|demo/dense-tiny|$SEED_UPDATES|0|0|--seed $s"
+    echo "moe-s$s|bible|demo/moe-tiny|$SEED_UPDATES|0|0|--seed $s"
+    echo "smoe-s$s|bible|demo/smoe-tiny|$SEED_UPDATES|0|0|--seed $s"
   done
   echo "smoe-paper-s$first|bible|demo/smoe-tiny|$MAIN_UPDATES|1|0|--seed $first --smoe-residual paper"
   echo "smoe-elastic-s$first|bible|demo/smoe-tiny-elastic|$DIAL_UPDATES|1|1|--seed $first"
@@ -87,15 +93,20 @@ run_one() {
       || { echo "  training $name failed: see $dir/train.log" >&2; return 1; }
     touch "$dir/trained"
   fi
-  if [ "$eval" = 1 ] && [ ! -f "$dir/eval/scores.csv" ]; then
-    echo "  $(date +%H:%M) evaluating $name" >&2
-    bash scripts/evaluate.sh "$dir/ckpt/checkpoint_last.pt" "$OUT/$data" "$dir/eval" --beam 5 \
-      >"$dir/eval.log" 2>&1 || { echo "  evaluating $name failed: see $dir/eval.log" >&2; return 1; }
-  fi
   if [ "$dial" = 1 ] && [ ! -f "$dir/dial/dial.csv" ]; then
     echo "  $(date +%H:%M) compute dial of $name" >&2
     python -m fairseq_smoe.dial "$dir/ckpt/checkpoint_last.pt" "$OUT/$data" "$dir/dial" --beam 5 \
       >"$dir/dial.log" 2>&1 || { echo "  dial of $name failed: see $dir/dial.log" >&2; return 1; }
+  fi
+  if [ "$dial" = 1 ] && [ ! -e "$dir/eval" ]; then
+    # the dial's K = L decode is the model as trained (tests/test_dial.py: identical outputs)
+    ln -s "$(cd "$dir/dial" && ls -d K* | sort -V | tail -1)" "$dir/dial/as-trained"
+    ln -s dial/as-trained "$dir/eval"
+  fi
+  if [ "$eval" = 1 ] && [ ! -f "$dir/eval/scores.csv" ]; then
+    echo "  $(date +%H:%M) evaluating $name" >&2
+    bash scripts/evaluate.sh "$dir/ckpt/checkpoint_last.pt" "$OUT/$data" "$dir/eval" --beam 5 \
+      >"$dir/eval.log" 2>&1 || { echo "  evaluating $name failed: see $dir/eval.log" >&2; return 1; }
   fi
 }
 export -f run_one
@@ -104,10 +115,6 @@ export OUT VALID_EVERY VALID_STEPS
 # xargs runs JOBS at a time; one failed run does not stop the others (they are reported)
 status=0
 tr '\n' '\0' <"$OUT/runs.txt" | xargs -0 -P "$JOBS" -I{} bash -c 'run_one "$1"' _ {} || status=$?
-# the normally trained SMoE's dial too, once its evaluation is done
-if [ -f "$OUT/smoe-s$first/trained" ] && [ ! -f "$OUT/smoe-s$first/dial/dial.csv" ]; then
-  run_one "smoe-s$first|bible|demo/smoe-tiny|$MAIN_UPDATES|0|1|" || status=1
-fi
 python scripts/study_report.py "$OUT" || status=1
 echo "study: done (status $status); see $OUT/study.md" >&2
 exit $status
