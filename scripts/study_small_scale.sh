@@ -10,18 +10,18 @@
 # JOBS (default 2) runs at a time:
 #   main systems, MAIN_UPDATES (default 1250) updates: dense, moe (top-2, 4 experts), smoe (2,2,
 #     official residual), smoe-paper (--smoe-residual paper); the main three again with the other
-#     SEEDS (default "1 2"), SEED_UPDATES (default 750) updates (the seed spread of the curves);
+#     SEEDS (default "1 2"), SEED_UPDATES (default 500) updates (the seed spread of the curves);
 #   ablations of smoe, ABL_UPDATES (default 500): balance-loss weight 0, dropless,
 #     second expert = argmax (policy all), a 3x longer warm-up, MoE in every layer (--moe-freq 1);
 #     EXTRA_ABLATIONS=1 adds balance-loss weight 0.1 and the top-2 MoE dropless;
 #   the extended language set (eng <-> deu,fra,spa,rus,ita,ara,fas,vie,tgl: 18 directions),
-#     EXT_UPDATES (default 500): dense, moe, smoe;
+#     EXT_UPDATES (default 400): dense, moe, smoe;
 #   compute dial and strata widths (issue 13), DIAL_UPDATES (default MAIN_UPDATES): smoe-elastic
 #     (--smoe-elastic-passes),
 #     smoe-w256-768 and smoe-w768-256 (--smoe-strata-ffn, as many parameters as smoe).
 # Validation loss (base 2) every VALID_EVERY (250) updates on the first VALID_STEPS (30) valid
-# batches (the same sentences for every run). The first-seed main, dial and width systems are
-# then scored on the test set (Mark, beam 5; scripts/evaluate.sh); smoe and smoe-elastic at every
+# batches (the same sentences for every run). The first-seed dense, moe, smoe, dial and width
+# systems are then scored on the test set (Mark, beam 5; scripts/evaluate.sh); smoe and smoe-elastic at every
 # --smoe-max-passes K (python -m fairseq_smoe.dial; its K = L decode, the model as trained, is
 # their evaluation: eval -> dial/K<L>). Finally scripts/study_report.py writes
 # OUT_DIR/study.md and OUT_DIR/study.png (valid loss vs updates and vs training FLOPs) and the
@@ -33,9 +33,9 @@ JOBS=${JOBS:-2}
 SEEDS=${SEEDS:-"1 2"}
 MAIN_UPDATES=${MAIN_UPDATES:-1250}
 ABL_UPDATES=${ABL_UPDATES:-500}
-EXT_UPDATES=${EXT_UPDATES:-500}
+EXT_UPDATES=${EXT_UPDATES:-400}
 DIAL_UPDATES=${DIAL_UPDATES:-$MAIN_UPDATES}
-SEED_UPDATES=${SEED_UPDATES:-750}
+SEED_UPDATES=${SEED_UPDATES:-500}
 VALID_EVERY=${VALID_EVERY:-250}
 VALID_STEPS=${VALID_STEPS:-30}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
@@ -53,15 +53,15 @@ first=${SEEDS%% *}
   echo "dense-s$first|bible|demo/dense-tiny|$MAIN_UPDATES|1|0|--seed $first"
   echo "moe-s$first|bible|demo/moe-tiny|$MAIN_UPDATES|1|0|--seed $first"
   echo "smoe-s$first|bible|demo/smoe-tiny|$MAIN_UPDATES|1|1|--seed $first"
+  echo "smoe-elastic-s$first|bible|demo/smoe-tiny-elastic|$DIAL_UPDATES|1|1|--seed $first"
+  echo "smoe-w256-768-s$first|bible|demo/smoe-tiny-w256-768|$DIAL_UPDATES|1|0|--seed $first"
+  echo "smoe-w768-256-s$first|bible|demo/smoe-tiny-w768-256|$DIAL_UPDATES|1|0|--seed $first"
   for s in ${SEEDS#"$first"}; do
     echo "dense-s$s|bible|demo/dense-tiny|$SEED_UPDATES|0|0|--seed $s"
     echo "moe-s$s|bible|demo/moe-tiny|$SEED_UPDATES|0|0|--seed $s"
     echo "smoe-s$s|bible|demo/smoe-tiny|$SEED_UPDATES|0|0|--seed $s"
   done
-  echo "smoe-paper-s$first|bible|demo/smoe-tiny|$MAIN_UPDATES|1|0|--seed $first --smoe-residual paper"
-  echo "smoe-elastic-s$first|bible|demo/smoe-tiny-elastic|$DIAL_UPDATES|1|1|--seed $first"
-  echo "smoe-w256-768-s$first|bible|demo/smoe-tiny-w256-768|$DIAL_UPDATES|1|0|--seed $first"
-  echo "smoe-w768-256-s$first|bible|demo/smoe-tiny-w768-256|$DIAL_UPDATES|1|0|--seed $first"
+  echo "smoe-paper-s$first|bible|demo/smoe-tiny|$MAIN_UPDATES|0|0|--seed $first --smoe-residual paper"
   echo "abl-gate0-s$first|bible|demo/smoe-tiny|$ABL_UPDATES|0|0|--seed $first --moe-gate-loss-wt 0"
   echo "abl-dropless-s$first|bible|demo/smoe-tiny|$ABL_UPDATES|0|0|--seed $first --moe-dropless"
   echo "abl-policy-all-s$first|bible|demo/smoe-tiny|$ABL_UPDATES|0|0|--seed $first --moe-second-expert-policy all"
@@ -75,7 +75,8 @@ first=${SEEDS%% *}
   echo "ext-moe-s$first|bible-ext|demo/moe-tiny|$EXT_UPDATES|0|0|--seed $first"
   echo "ext-smoe-s$first|bible-ext|demo/smoe-tiny|$EXT_UPDATES|0|0|--seed $first"
 } >"$OUT/runs.txt"
-# the main systems' seed-1 runs first, so that a shortened study still has them
+# in order of what a shortened study most needs: the main systems, the dial and width runs
+# (long), the other seeds, the paper's residual, the ablations (short), the extended languages
 echo "study: $(wc -l <"$OUT/runs.txt") runs, $JOBS at a time, logs in $OUT/<run>/" >&2
 
 run_one() {
