@@ -20,6 +20,11 @@ variants on the same input and the same routing decisions:
   ``nn.ReLU``, ``nn.Linear``) over as many rows as the expert assignments ``ours`` actually
   computed (kept after capacity, summed over strata passes): the expert GEMMs alone, with no
   routing, dispatch or combine;
+* ``experts``: the same rows already sorted by expert, each expert's GEMMs on its own rows with
+  its own weights (one ``nn.Linear`` pair per expert, a Python loop over experts): what any MoE
+  must compute, routing excluded. At small batches it is well above ``floor``, because every
+  expert's weights are read for few rows (``floor`` reads one FFN's); ``ours/experts`` is then
+  the cost of routing, dispatch and combine;
 * ``onehot``: the same stratified block with the classic GShard dispatch of fairseq's MoE
   branch: per pass, a one-hot combine tensor of shape (tokens, experts, capacity) built from
   the gate weights (so the gate gradient flows through it), einsum dispatch and combine.
@@ -64,7 +69,7 @@ CONFIGS = {  # name: (embed dim, FFN dim, strata[, FFN width per stratum])
     "m4-4-4-w1024-3072": (512, 2048, (4, 4), (1024, 3072)),
 }
 MODES = ("fwd", "fwd_bwd")
-VARIANTS = ("ours", "floor", "onehot")
+VARIANTS = ("ours", "floor", "experts", "onehot")
 
 
 # ----------------------------------------------------------------------------- one-hot baseline
@@ -278,6 +283,14 @@ class Case:
         rows_of_width = {}
         for (first, n, f) in self.block.experts.groups:
             rows_of_width[f] = rows_of_width.get(f, 0) + sum(st.expert_rows[first:first + n])
+        self.experts = []
+        for (first, n, f) in self.block.experts.groups:
+            for rows in st.expert_rows[first:first + n]:
+                ffn_e = nn.Sequential(nn.Linear(d, f), nn.ReLU(inplace=True), nn.Linear(f, d)).to(device).train()
+                self.experts.append((ffn_e, rows))
+        total = sum(rows for _, rows in self.experts)
+        self.x_experts = torch.randn(total, d, generator=g).to(device)
+        self.gy_experts = torch.randn(total, d, generator=g).to(device)
         self.floor = []
         for f, rows in rows_of_width.items():
             ffn_f = nn.Sequential(nn.Linear(d, f), nn.ReLU(inplace=True), nn.Linear(f, d)).to(device).train()
@@ -287,6 +300,8 @@ class Case:
     def _params(self, variant):
         if variant == "floor":
             return [p for ffn_f, _, _ in self.floor for p in ffn_f.parameters()]
+        if variant == "experts":
+            return [p for ffn_e, _ in self.experts for p in ffn_e.parameters()]
         return self.block.parameters()
 
     def call(self, variant, mode):
@@ -300,6 +315,13 @@ class Case:
                 else:
                     x = xf.detach().requires_grad_()
                     ffn_f(x).backward(gyf)
+            return None
+        if variant == "experts":
+            x = self.x_experts.detach().requires_grad_(mode != "fwd")
+            with torch.set_grad_enabled(mode != "fwd"):
+                ys = [ffn_e(xe) for (ffn_e, _), xe in zip(self.experts, x.split([r for _, r in self.experts]))]
+                if mode != "fwd":
+                    torch.cat(ys).backward(self.gy_experts)
             return None
         fwd = self.block if variant == "ours" else (lambda x: onehot_smoe_forward(self.block, x))
         if mode == "fwd":
@@ -339,14 +361,14 @@ def run(names, tokens, reps, warmup, device, log=print, skews=("balanced",), pha
 
 
 def time_case(case, mode, reps, warmup, device, log):
-    variants = VARIANTS if case.has_onehot else ("ours", "floor")
+    variants = VARIANTS if case.has_onehot else ("ours", "floor", "experts")
     times = {v: [] for v in variants}
     peaks = {}
     for i in range(warmup + reps):
         k = i % len(variants)
         order = variants[k:] + variants[:k]  # rotate, so noise hits all alike
         for v in order:
-            if i == 0 and v != "floor":
+            if i == 0 and v not in ("floor", "experts"):
                 peaks[v] = peak_mb(lambda: case.call(v, mode), device)
                 continue
             sync(device)
@@ -361,7 +383,9 @@ def time_case(case, mode, reps, warmup, device, log):
         "config": case.name, "mode": mode, "phase": case.phase, "skew": case.skew,
         "ours_ms": round(ms["ours"], 2), "floor_ms": round(ms["floor"], 2),
         "onehot_ms": round(ms["onehot"], 2) if onehot else None,
+        "experts_ms": round(ms["experts"], 2),
         "ours_over_floor": round(ms["ours"] / ms["floor"], 3),
+        "ours_over_experts": round(ms["ours"] / ms["experts"], 3),
         "onehot_over_ours": round(ms["onehot"] / ms["ours"], 3) if onehot else None,
         "ours_peak_mb": round(peaks["ours"], 1), "onehot_peak_mb": round(peaks["onehot"], 1) if onehot else None,
         "tokens": case.x.shape[0] * case.x.shape[1], "rows": case.rows,
@@ -369,6 +393,7 @@ def time_case(case, mode, reps, warmup, device, log):
         "imbalance": round(case.imbalance, 2), "reps": reps, "threads": torch.get_num_threads(),
     }
     log(f"  {mode:8s} ours {r['ours_ms']:9.1f} ms  floor {r['floor_ms']:9.1f} ms  "
+        f"experts {r['experts_ms']:9.1f} ms  ours/experts {r['ours_over_experts']:.2f}  "
         f"onehot {_fmt(r['onehot_ms'], '9.1f')} ms  ours/floor {r['ours_over_floor']:.2f}  "
         f"onehot/ours {_fmt(r['onehot_over_ours'], '.2f')}  peak MB ours {r['ours_peak_mb']:.0f} "
         f"onehot {_fmt(r['onehot_peak_mb'], '.0f')}")
@@ -380,14 +405,15 @@ def _fmt(v, spec):
 
 
 def table(results) -> str:
-    head = ("| config | phase | skew | mode | ours ms | floor ms | one-hot ms | ours/floor | "
-            "one-hot/ours | per row vs balanced | ours peak MB | one-hot peak MB |")
-    lines = [head, "|" + "---|" * 12]
+    head = ("| config | phase | skew | mode | ours ms | floor ms | experts ms | one-hot ms | ours/floor | "
+            "ours/experts | one-hot/ours | per row vs balanced | ours peak MB | one-hot peak MB |")
+    lines = [head, "|" + "---|" * 14]
     for r in results:
         rel = r.get("per_row_over_balanced")
         lines.append(
             f"| {r['config']} | {r['phase']} | {r['skew']} | {r['mode']} | {r['ours_ms']:.1f} | "
-            f"{r['floor_ms']:.1f} | {_fmt(r['onehot_ms'], '.1f')} | {r['ours_over_floor']:.2f} | "
+            f"{r['floor_ms']:.1f} | {r['experts_ms']:.1f} | {_fmt(r['onehot_ms'], '.1f')} | "
+            f"{r['ours_over_floor']:.2f} | {r['ours_over_experts']:.2f} | "
             f"{_fmt(r['onehot_over_ours'], '.2f')} | {'' if rel is None else f'{rel:.2f}'} | "
             f"{r['ours_peak_mb']:.0f} | {_fmt(r['onehot_peak_mb'], '.0f')} |"
         )

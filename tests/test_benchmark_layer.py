@@ -21,7 +21,8 @@ import benchmark_layer  # noqa: E402
 
 D, FFN = 8, 16
 KEYS = {"config", "mode", "phase", "skew", "ours_ms", "floor_ms", "onehot_ms", "ours_over_floor",
-        "onehot_over_ours", "ours_peak_mb", "onehot_peak_mb", "rows", "imbalance", "per_row_over_balanced"}
+        "onehot_over_ours", "ours_peak_mb", "onehot_peak_mb", "rows", "imbalance", "per_row_over_balanced",
+        "experts_ms", "ours_over_experts"}
 
 
 def _run(block, fn, x, gy, pad):
@@ -97,6 +98,8 @@ def test_quick_json_emits_the_keys():
         assert r["ours_over_floor"] == pytest.approx(r["ours_ms"] / r["floor_ms"], rel=1e-2)
         assert r["onehot_over_ours"] == pytest.approx(r["onehot_ms"] / r["ours_ms"], rel=1e-2)
         assert r["ours_peak_mb"] > 0 and r["onehot_peak_mb"] > 0
+        assert r["experts_ms"] > 0
+        assert r["ours_over_experts"] == pytest.approx(r["ours_ms"] / r["experts_ms"], rel=1e-2)
 
 
 def test_config_names():
@@ -117,6 +120,23 @@ def test_mixed_width_floor_runs_each_width_over_its_rows():
     assert not case.has_onehot
     r = benchmark_layer.time_case(case, "fwd", 1, 1, torch.device("cpu"), lambda s: None)
     assert r["onehot_ms"] is None and r["ours_ms"] > 0 and r["floor_ms"] > 0
+
+
+def test_experts_variant_runs_each_expert_over_its_own_rows():
+    """The 'experts' variant: one FFN per expert, of the expert's width, over exactly the rows
+    the block computed in that expert (skewed: some experts have none)."""
+    case = benchmark_layer.Case("m4-4-4-w1024-3072", 128, torch.device("cpu"), skew="two", phase="train")
+    _, st = case.block(case.x, trace=True)
+    assert [rows for _, rows in case.experts] == st.expert_rows
+    assert [ffn[0].out_features for ffn, _ in case.experts] == [1024] * 4 + [3072] * 4
+    assert case.x_experts.size(0) == case.rows and 0 in st.expert_rows
+    for p in case._params("experts"):
+        p.grad = None
+    case.call("experts", "fwd_bwd")
+    busy = [ffn for ffn, rows in case.experts if rows > 0]
+    idle = [ffn for ffn, rows in case.experts if rows == 0]
+    assert all(f[0].weight.grad is not None and f[0].weight.grad.abs().sum() > 0 for f in busy)
+    assert all(f[0].weight.grad is None or f[0].weight.grad.abs().sum() == 0 for f in idle)
 
 
 @pytest.mark.parametrize("skew,lo,hi", [("balanced", 1.0, 1.6), ("zipf", 2.0, 4.5), ("two", 4.0, 4.0)])
