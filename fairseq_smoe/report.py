@@ -503,7 +503,7 @@ def paired_bootstrap(bench, systems, baseline, metric_name, data_dir, n_samples=
         raise ReportError(f"--baseline {baseline!r}: there is no other system to compare it with")
     if not data_dir or not os.path.isdir(os.path.join(data_dir, "raw")):
         raise ReportError(
-            f"--baseline needs the test references: pass --data DATA_DIR, the prepared directory given to "
+            "--baseline needs the test references: pass --data DATA_DIR, the prepared directory given to "
             f"scripts/evaluate.sh (it holds raw/test.SRC-TGT.TGT)"
             + (f"; {data_dir}/raw does not exist" if data_dir else ""))
     directions = list(directions or base.directions)

@@ -193,7 +193,7 @@ def main(argv=None):
             lines.append(f"| {r} | {ffn} | {params / 1e6:.2f}M | {enc:.3f} / {dec:.3f} | {flops / 1e6:.2f}M | "
                          f"{chrf:.2f} | {logs[r][0][-1][1]:.3f} |")
 
-    base = {u: l for u, l in logs.get(f"smoe-s1", ([], []))[0]}
+    base = {u: l for u, l in logs.get("smoe-s1", ([], []))[0]}
     abl = [r for r in runs if r.startswith("abl-")]
     if abl and base:
         lines += ["## Ablations of smoe (seed 1): validation loss at their last update", "",
