@@ -504,7 +504,7 @@ def paired_bootstrap(bench, systems, baseline, metric_name, data_dir, n_samples=
     if not data_dir or not os.path.isdir(os.path.join(data_dir, "raw")):
         raise ReportError(
             "--baseline needs the test references: pass --data DATA_DIR, the prepared directory given to "
-            f"scripts/evaluate.sh (it holds raw/test.SRC-TGT.TGT)"
+            "scripts/evaluate.sh (it holds raw/test.SRC-TGT.TGT)"
             + (f"; {data_dir}/raw does not exist" if data_dir else ""))
     directions = list(directions or base.directions)
     for s in others:
