@@ -54,9 +54,24 @@ class Timer:
         module.register_forward_pre_hook(pre)
         module.register_forward_hook(post)
 
+    def wrap(self, module, part):
+        """Time ``module.forward`` itself: for modules fairseq calls as ``module.forward(...)``
+        rather than ``module(...)`` (the encoder, through ``forward_torchscript``), which
+        forward hooks never see."""
+        forward = module.forward
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                self.total[part] += time.perf_counter() - t0
+
+        module.forward = timed
+
 
 def instrument(model, timer):
-    timer.hook(model.encoder, "encoder")
+    timer.wrap(model.encoder, "encoder")
     for layer in model.decoder.layers:
         timer.hook(layer.self_attn, "self_attn")
         if layer.encoder_attn is not None:

@@ -9,10 +9,11 @@
 # FFN 512, dropout 0, lr 5e-3, 2048 tokens per batch) with one thing changed, one math thread,
 # JOBS (default 2) runs at a time:
 #   main systems, MAIN_UPDATES (default 1250) updates: dense, moe (top-2, 4 experts), smoe (2,2,
-#     official residual), smoe-paper (--smoe-residual paper); the main three again with the other
-#     SEEDS (default "1 2"), SEED_UPDATES (default 500) updates (the seed spread of the curves);
-#   ablations of smoe, ABL_UPDATES (default 500): balance-loss weight 0, dropless,
-#     second expert = argmax (policy all), a 3x longer warm-up, MoE in every layer (--moe-freq 1);
+#     official residual); the main three again with the other SEEDS (default "1 2"), SEED_UPDATES
+#     (default 500) updates (the seed spread of the curves);
+#   ablations of smoe, ABL_UPDATES (default 500): the paper's residual (--smoe-residual paper),
+#     balance-loss weight 0, dropless, second expert = argmax (policy all), a 3x longer warm-up,
+#     MoE in every layer (--moe-freq 1);
 #     EXTRA_ABLATIONS=1 adds balance-loss weight 0.1 and the top-2 MoE dropless;
 #   the extended language set (eng <-> deu,fra,spa,rus,ita,ara,fas,vie,tgl: 18 directions),
 #     EXT_UPDATES (default 400): dense, moe, smoe;
@@ -56,27 +57,27 @@ first=${SEEDS%% *}
   echo "smoe-elastic-s$first|bible|demo/smoe-tiny-elastic|$DIAL_UPDATES|1|1|--seed $first"
   echo "smoe-w256-768-s$first|bible|demo/smoe-tiny-w256-768|$DIAL_UPDATES|1|0|--seed $first"
   echo "smoe-w768-256-s$first|bible|demo/smoe-tiny-w768-256|$DIAL_UPDATES|1|0|--seed $first"
+  echo "ext-dense-s$first|bible-ext|demo/dense-tiny|$EXT_UPDATES|0|0|--seed $first"
+  echo "ext-moe-s$first|bible-ext|demo/moe-tiny|$EXT_UPDATES|0|0|--seed $first"
+  echo "ext-smoe-s$first|bible-ext|demo/smoe-tiny|$EXT_UPDATES|0|0|--seed $first"
   for s in ${SEEDS#"$first"}; do
     echo "dense-s$s|bible|demo/dense-tiny|$SEED_UPDATES|0|0|--seed $s"
     echo "moe-s$s|bible|demo/moe-tiny|$SEED_UPDATES|0|0|--seed $s"
     echo "smoe-s$s|bible|demo/smoe-tiny|$SEED_UPDATES|0|0|--seed $s"
   done
-  echo "smoe-paper-s$first|bible|demo/smoe-tiny|$MAIN_UPDATES|0|0|--seed $first --smoe-residual paper"
   echo "abl-gate0-s$first|bible|demo/smoe-tiny|$ABL_UPDATES|0|0|--seed $first --moe-gate-loss-wt 0"
   echo "abl-dropless-s$first|bible|demo/smoe-tiny|$ABL_UPDATES|0|0|--seed $first --moe-dropless"
   echo "abl-policy-all-s$first|bible|demo/smoe-tiny|$ABL_UPDATES|0|0|--seed $first --moe-second-expert-policy all"
   echo "abl-warmup1200-s$first|bible|demo/smoe-tiny|$ABL_UPDATES|0|0|--seed $first --warmup-updates 1200"
   echo "abl-every-layer-s$first|bible|demo/smoe-tiny|$ABL_UPDATES|0|0|--seed $first --moe-freq 1"
+  echo "abl-paper-residual-s$first|bible|demo/smoe-tiny|$ABL_UPDATES|0|0|--seed $first --smoe-residual paper"
   if [ "${EXTRA_ABLATIONS:-0}" = 1 ]; then
     echo "abl-gate0.1-s$first|bible|demo/smoe-tiny|$ABL_UPDATES|0|0|--seed $first --moe-gate-loss-wt 0.1"
     echo "abl-moe-dropless-s$first|bible|demo/moe-tiny|$ABL_UPDATES|0|0|--seed $first --moe-dropless"
   fi
-  echo "ext-dense-s$first|bible-ext|demo/dense-tiny|$EXT_UPDATES|0|0|--seed $first"
-  echo "ext-moe-s$first|bible-ext|demo/moe-tiny|$EXT_UPDATES|0|0|--seed $first"
-  echo "ext-smoe-s$first|bible-ext|demo/smoe-tiny|$EXT_UPDATES|0|0|--seed $first"
 } >"$OUT/runs.txt"
 # in order of what a shortened study most needs: the main systems, the dial and width runs
-# (long), the other seeds, the paper's residual, the ablations (short), the extended languages
+# (long), the extended languages, the other seeds, the ablations
 echo "study: $(wc -l <"$OUT/runs.txt") runs, $JOBS at a time, logs in $OUT/<run>/" >&2
 
 run_one() {
