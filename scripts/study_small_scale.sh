@@ -5,6 +5,9 @@
 #
 #   nohup scripts/study_small_scale.sh [OUT_DIR] > study.log 2>&1 &     # default OUT_DIR runs/study
 #
+# Budgets can grow: re-run with a larger MAIN_UPDATES (say) and the runs below it continue from
+# their last checkpoint (their old scores are dropped and recomputed).
+#
 # Every run is the `make demo` recipe (configs/demo/: smoe_transformer_tiny, 2+2 layers, d 128,
 # FFN 512, dropout 0, lr 5e-3, 2048 tokens per batch) with one thing changed, one math thread,
 # JOBS (default 2) runs at a time:
@@ -85,7 +88,13 @@ run_one() {
   IFS='|' read -r name data config updates eval dial flags <<<"$line"
   dir=$OUT/$name
   mkdir -p "$dir"
-  if [ ! -f "$dir/trained" ]; then
+  # "trained" holds the updates a run was trained to (empty: this run's budget, as written by
+  # earlier versions); a larger budget continues the run from its checkpoint_last.pt and drops
+  # the scores of the shorter run
+  local done_updates=0
+  if [ -f "$dir/trained" ]; then done_updates=$(cat "$dir/trained"); done_updates=${done_updates:-$updates}; fi
+  if [ "$done_updates" -lt "$updates" ]; then
+    if [ "$done_updates" -gt 0 ]; then rm -rf "$dir/eval" "$dir/dial" "$dir/eval.log" "$dir/dial.log"; fi
     echo "  $(date +%H:%M) training $name ($updates updates)" >&2
     # shellcheck disable=SC2086
     bash scripts/train.sh "$config" "$OUT/$data" "$dir/ckpt" $flags \
@@ -93,7 +102,7 @@ run_one() {
       --save-interval-updates "$VALID_EVERY" --keep-interval-updates 1 --no-epoch-checkpoints \
       --log-format json --log-interval 50 >>"$dir/train.log" 2>&1 \
       || { echo "  training $name failed: see $dir/train.log" >&2; return 1; }
-    touch "$dir/trained"
+    echo "$updates" >"$dir/trained"
   fi
   if [ "$dial" = 1 ] && [ ! -f "$dir/dial/dial.csv" ]; then
     echo "  $(date +%H:%M) compute dial of $name" >&2
