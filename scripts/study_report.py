@@ -36,7 +36,7 @@ MAIN = ("dense", "moe", "smoe")
 
 def parse_log(path: Path):
     """(validations [(update, loss)], intervals [(update, target words, rc_enc, rc_dec)])."""
-    valid, inner = [], []
+    valid, inner = [], {}
     for line in path.read_text(errors="replace").splitlines():
         m = re.search(r"\| (valid|train_inner) \| (\{.*\})", line)
         if not m:
@@ -45,8 +45,9 @@ def parse_log(path: Path):
         if m.group(1) == "valid":
             valid.append((int(rec["valid_num_updates"]), float(rec["valid_loss"])))
         else:
-            inner.append((int(rec["num_updates"]), float(rec["wpb"]) * 50,  # --log-interval 50
-                          float(rec.get("rc_enc", 0) or 0), float(rec.get("rc_dec", 0) or 0)))
+            # keyed by update: a resumed run logs the updates after its checkpoint again
+            inner[int(rec["num_updates"])] = (float(rec["wpb"]) * 50,  # --log-interval 50
+                                              float(rec.get("rc_enc", 0) or 0), float(rec.get("rc_dec", 0) or 0))
     # a resumed run logs some validations twice: keep the last of each update; a run resumed
     # at its last update validates once more at the end (one update later): keep the first
     points = []
@@ -54,7 +55,7 @@ def parse_log(path: Path):
         if points and update - points[-1][0] < 10:
             continue
         points.append((update, loss))
-    return points, inner
+    return points, [(u, *inner[u]) for u in sorted(inner)]
 
 
 def run_flags(out: Path, name: str):
@@ -109,29 +110,49 @@ def main(argv=None):
     import matplotlib.pyplot as plt
 
     colours = {}
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for r in runs:
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
+    seen = set()
+
+    def draw(ax, r, x_of=None, style="-", colour=None):
         valid = logs[r][0]
         if not valid:
-            continue
+            return
         sys_name = system_of(r)
-        colour = colours.setdefault(sys_name, f"C{len(colours) % 10}")
-        style = "-" if sys_name in MAIN or sys_name.startswith("ext-") else "--"
-        label = sys_name if sys_name not in [system_of(q) for q in runs[:runs.index(r)]] else None
+        colour = colour or colours.setdefault(sys_name, f"C{len(colours) % 10}")
+        label = None if (ax, sys_name) in seen else sys_name
+        seen.add((ax, sys_name))
         ups = [u for u, _ in valid]
-        axes[0].plot(ups, [l for _, l in valid], style, color=colour, label=label, linewidth=1.2)
+        xs = x_of(r, ups) if x_of else ups
+        ax.plot(xs, [l for _, l in valid], style, color=colour, label=label, linewidth=1.2, marker=".")
+
+    def flops_at(r, ups):
         f = flops[r]
-        xs = [f.get(u, f[max(k for k in f if k <= u)] if any(k <= u for k in f) else 0.0) for u in ups]
-        axes[1].plot([x / 1e15 for x in xs], [l for _, l in valid], style, color=colour, linewidth=1.2)
-    axes[0].set_xlabel("updates")
-    axes[1].set_xlabel("training FLOPs (PFLOP, 3 x forward)")
-    for ax in axes:
-        ax.set_ylabel("validation loss (base 2)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, ncol=2)
+        return [f.get(u, f[max(k for k in f if k <= u)] if any(k <= u for k in f) else 0.0) / 1e15 for u in ups]
+
+    bible = [r for r in runs if not r.startswith(("abl-", "ext-"))]
+    for r in bible:
+        style = "-" if system_of(r) in MAIN else "--"
+        draw(axes[0, 0], r, style=style)
+        draw(axes[0, 1], r, flops_at, style=style)
+    for r in [q for q in runs if q.startswith("abl-")] + [q for q in bible if system_of(q) in MAIN and q.endswith("-s1")]:
+        draw(axes[1, 0], r, style="-" if r.startswith("abl-") else ":", colour=None if r.startswith("abl-") else "k"
+             if system_of(r) == "smoe" else "0.6")
+    for r in [q for q in runs if q.startswith("ext-")]:
+        draw(axes[1, 1], r)
+    titles = [["Bible, 8 directions: main, dial and width systems", "the same against training compute"],
+              ["ablations of smoe (black dotted: smoe, grey: dense and moe)", "extended Bible set, 18 directions"]]
+    for i in range(2):
+        for j in range(2):
+            ax = axes[i, j]
+            ax.set_title(titles[i][j], fontsize=10)
+            ax.set_xlabel("training FLOPs (PFLOP, 3 x forward)" if (i, j) == (0, 1) else "updates")
+            ax.set_ylabel("validation loss (base 2)")
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7, ncol=2)
     fig.suptitle("Small-scale study on the Bible benchmark (demo recipe, smoe_transformer_tiny)")
     fig.tight_layout()
-    fig.savefig(out / "study.png", dpi=120)
+    fig.savefig(out / "study.png", dpi=110)
     plt.close(fig)
 
     lines = ["# Small-scale study (scripts/study_small_scale.sh)", "",

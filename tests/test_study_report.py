@@ -24,12 +24,14 @@ def test_parse_log_keeps_one_validation_per_update_and_the_interval_words(tmp_pa
         _line("valid", {"valid_num_updates": "500", "valid_loss": "7.95"}),
         _line("valid", {"valid_num_updates": "501", "valid_loss": "7.96"}),
         _line("train_inner", {"num_updates": "100", "wpb": "1600.0"}),
+        _line("train_inner", {"num_updates": "50", "wpb": "1800.0"}),  # logged again after a resume
     ]
     log.write_text("\n".join(lines) + "\n")
     valid, inner = study_report.parse_log(log)
     assert valid == [(250, 8.7), (500, 7.95)]
-    # target words of a 50-update log interval, and the strata passes (0 for a dense run)
-    assert inner == [(50, 1700.0 * 50, 1.5, 1.25), (100, 1600.0 * 50, 0.0, 0.0)]
+    # target words of a 50-update log interval, and the strata passes (0 where not logged)
+    # (the last record of an update counts once: training FLOPs are not double-counted)
+    assert inner == [(50, 1800.0 * 50, 0.0, 0.0), (100, 1600.0 * 50, 0.0, 0.0)]
 
 
 def test_system_of_strips_the_seed():
