@@ -88,11 +88,10 @@ run_one() {
   IFS='|' read -r name data config updates eval dial flags <<<"$line"
   dir=$OUT/$name
   mkdir -p "$dir"
-  # "trained" holds the updates a run was trained to (empty: this run's budget, as written by
-  # earlier versions); a larger budget continues the run from its checkpoint_last.pt and drops
-  # the scores of the shorter run
+  # "trained" holds the updates a run was trained to; a larger budget continues the run from its
+  # checkpoint_last.pt and drops the scores of the shorter run
   local done_updates=0
-  if [ -f "$dir/trained" ]; then done_updates=$(cat "$dir/trained"); done_updates=${done_updates:-$updates}; fi
+  if [ -f "$dir/trained" ]; then done_updates=$(cat "$dir/trained"); done_updates=${done_updates:-0}; fi
   if [ "$done_updates" -lt "$updates" ]; then
     if [ "$done_updates" -gt 0 ]; then rm -rf "$dir/eval" "$dir/dial" "$dir/eval.log" "$dir/dial.log"; fi
     echo "  $(date +%H:%M) training $name ($updates updates)" >&2
