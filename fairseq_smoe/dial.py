@@ -91,16 +91,11 @@ def plot(rows, path, label):
 
 
 def main(argv=None):
+    from .evaluate import add_decoding_args
     from .translator import TranslatorError
 
     p = argparse.ArgumentParser(prog="python -m fairseq_smoe.dial", description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint")
-    p.add_argument("data_dir")
-    p.add_argument("out_dir")
-    p.add_argument("--beam", type=int, default=5)
-    p.add_argument("--lenpen", type=float, default=1.0)
-    p.add_argument("--max-tokens", type=int, default=4096)
-    p.add_argument("--cpu", action="store_true", default=None)
+    add_decoding_args(p)
     a = p.parse_args(argv)
     try:
         dial(a.checkpoint, a.data_dir, a.out_dir, a.beam, a.lenpen, a.max_tokens, a.cpu)

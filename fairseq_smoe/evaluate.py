@@ -228,8 +228,8 @@ def evaluate(checkpoint, data_dir, out_dir, beam=5, lenpen=1.0, max_tokens=4096,
     return rows, write_tables(rows, out_dir, [spbleu_problem] if spbleu_problem else [])
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_decoding_args(p):
+    """CHECKPOINT DATA_DIR OUT_DIR and the decoding options, shared with ``fairseq_smoe.dial``."""
     p.add_argument("checkpoint")
     p.add_argument("data_dir")
     p.add_argument("out_dir")
@@ -237,6 +237,11 @@ def main(argv=None):
     p.add_argument("--lenpen", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=4096)
     p.add_argument("--cpu", action="store_true", default=None, help="decode on CPU (default: when no GPU)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_decoding_args(p)
     p.add_argument("--flores200-spm", help="sacreBLEU's flores200 SentencePiece model, for spBLEU offline")
     p.add_argument("--smoe-max-passes", type=int, metavar="K",
                    help="compute dial: every token leaves each SMoE block after at most K strata passes "

@@ -67,6 +67,12 @@ def run_flags(out: Path, name: str):
     raise KeyError(name)
 
 
+def vocab_of(data: Path) -> int:
+    """The model's vocabulary on a prepared directory: dict.txt, fairseq's 4 specials, one
+    language token per language."""
+    return sum(1 for _ in open(data / "dict.txt", encoding="utf-8")) + 4 + len((data / "langs.txt").read_text().split(","))
+
+
 def flops_curve(out: Path, name: str, inner):
     """Cumulative training FLOPs at each logged update."""
     from fairseq_smoe.cost import count, parse_model_args, shape_from_args
@@ -75,8 +81,7 @@ def flops_curve(out: Path, name: str, inner):
     config, extra = run_flags(out, name)
     flags, _ = load_config(config)
     data = out / ("bible-ext" if name.startswith("ext-") else "bible")
-    vocab = sum(1 for _ in open(data / "dict.txt", encoding="utf-8")) + 4 + len((data / "langs.txt").read_text().split(","))
-    shape = shape_from_args(parse_model_args([*flags, *extra]), vocab)
+    shape = shape_from_args(parse_model_args([*flags, *extra]), vocab_of(data))
     total, curve = 0.0, {}
     slots = max(1, sum(1 for i in range(shape.enc_layers) if shape.moe_freq and (i + 1) % shape.moe_freq == 0))
     for update, words, rc_enc, rc_dec in inner:
@@ -212,9 +217,7 @@ def main(argv=None):
         for r in widths:
             config, extra = run_flags(out, r)
             flags, _ = load_config(config)
-            vocab = sum(1 for _ in open(out / "bible" / "dict.txt", encoding="utf-8")) + 4 + \
-                len((out / "bible" / "langs.txt").read_text().split(","))
-            shape = shape_from_args(parse_model_args([*flags, *extra]), vocab)
+            shape = shape_from_args(parse_model_args([*flags, *extra]), vocab_of(out / "bible"))
             rows = list(csv.DictReader(open(out / r / "eval" / "scores.csv", encoding="utf-8")))
             enc = sum(float(x["rc_enc"]) for x in rows) / len(rows)
             dec = sum(float(x["rc_dec"]) for x in rows) / len(rows)
