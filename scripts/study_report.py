@@ -12,8 +12,10 @@ validation, words per batch and strata passes per log interval) and writes:
   of the dial runs, with the dense model's point;
 * OUT_DIR/study.md: the tables: validation loss per run at every validation, the test scores of
   the evaluated systems (mean +- std over seeds) and sacreBLEU's paired bootstrap of chrF against
-  dense and against the top-2 MoE (fairseq_smoe.report), the ablations next to smoe at the same
-  update, the dial table.
+  dense and against the top-2 MoE (fairseq_smoe.report), one section per training budget (a run
+  continued to a larger budget keeps its shorter run's scores in <run>/u<updates>/, so systems are
+  only compared at equal updates), the strata widths against smoe at their budget, the ablations
+  next to smoe at the same update, the dial table.
 
 Training FLOPs: 3 x the forward FLOPs per token of the run's recipe (python -m fairseq_smoe.cost:
 Kaplan's count, with the strata passes per token measured in that log interval) x the target
@@ -96,6 +98,36 @@ def flops_curve(out: Path, name: str, inner):
 
 def system_of(name: str) -> str:
     return re.sub(r"-s\d+$", "", name)
+
+
+def scored(out: Path, runs, kind: str = "eval"):
+    """[(run, updates, directory)] of every ``kind`` ("eval": scores.csv, "dial": dial.csv) the
+    study kept: the run's current one at the updates in its ``trained`` marker, and those of
+    shorter budgets it was continued from in ``<run>/u<updates>/``; largest budget first."""
+    found = []
+    target = "scores.csv" if kind == "eval" else "dial.csv"
+    for r in runs:
+        marker = out / r / "trained"
+        current = marker.read_text().strip() if marker.exists() else ""
+        if current and (out / r / kind / target).exists():
+            found.append((r, int(current), out / r / kind))
+        for kept in (out / r).glob("u*"):
+            if re.fullmatch(r"u\d+", kept.name) and (kept / kind / target).exists():
+                found.append((r, int(kept.name[1:]), kept / kind))
+    return sorted(found, key=lambda x: (-x[1], x[0]))
+
+
+def mean_scores(eval_dir: Path):
+    """{column: mean over the directions of scores.csv} for chrf, rc_enc, rc_dec (the strata
+    passes; None for a model without SMoE blocks, whose scores.csv leaves them empty)."""
+    import csv
+
+    rows = list(csv.DictReader(open(eval_dir / "scores.csv", encoding="utf-8")))
+    means = {}
+    for k in ("chrf", "rc_enc", "rc_dec"):
+        xs = [float(x[k]) for x in rows if x.get(k)]
+        means[k] = sum(xs) / len(xs) if xs and len(xs) == len(rows) else None
+    return means
 
 
 def main(argv=None):
@@ -187,15 +219,17 @@ def main(argv=None):
                 cells.append(f"{m:.3f} +- {sd:.3f}")
             lines.append(f"| {sys_name} | {len(vs)} | " + " | ".join(cells) + " |")
 
-    evaluated = [r for r in runs if (out / r / "eval" / "scores.csv").exists()]
-    if evaluated:
+    evaluated = scored(out, runs, "eval")
+    for budget in sorted({u for _, u, _ in evaluated}, reverse=True):
         groups = {}
-        for r in evaluated:
-            groups.setdefault(system_of(r), []).append(str(out / r / "eval"))
+        for r, u, d in evaluated:
+            if u == budget:
+                groups.setdefault(system_of(r), []).append(str(d))
         specs = [f"{s}={','.join(d)}" for s, d in groups.items()]
-        lines += ["", "## Test set (Mark, beam 5), chrF: mean +- std over seeds, paired bootstrap", ""]
+        lines += ["", f"## Test set at {budget} updates (Mark, beam 5), chrF: mean +- std over seeds, "
+                  "paired bootstrap", ""]
         for base in ("dense", "moe"):
-            if base not in groups:
+            if base not in groups or len(groups) < 2:
                 continue
             # --allow-partial: the study's eight directions, not the extended Bible set
             cmd = [sys.executable, "-m", "fairseq_smoe.report", "bible", *specs, "--seeds", "--metric", "chrf",
@@ -204,34 +238,32 @@ def main(argv=None):
             run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             lines += [f"### against {base}", "", "```", (run.stdout or run.stderr).strip(), "```", ""]
 
-    widths = [r for r in evaluated if system_of(r) in ("smoe", "smoe-w256-768", "smoe-w768-256")]
-    if len(widths) > 1:
-        import csv
+        # strata widths: the width runs against smoe at the same budget
+        widths = [(r, d) for r, u, d in evaluated
+                  if u == budget and system_of(r) in ("smoe", "smoe-w256-768", "smoe-w768-256") and r.endswith("-s1")]
+        if len(widths) > 1:
+            from fairseq_smoe.cost import count, parse_model_args, shape_from_args
+            from fairseq_smoe.recipes import load_config
 
-        from fairseq_smoe.cost import count, parse_model_args, shape_from_args
-        from fairseq_smoe.recipes import load_config
-
-        lines += ["", "## Strata widths (--smoe-strata-ffn) at equal parameters", "",
-                  "| run | strata FFN | parameters | passes/token enc / dec | FLOPs/token (measured passes) "
-                  "| chrF | valid loss |", "|---|---|---|---|---|---|---|"]
-        for r in widths:
-            config, extra = run_flags(out, r)
-            flags, _ = load_config(config)
-            shape = shape_from_args(parse_model_args([*flags, *extra]), vocab_of(out / "bible"))
-            rows = list(csv.DictReader(open(out / r / "eval" / "scores.csv", encoding="utf-8")))
-            enc = sum(float(x["rc_enc"]) for x in rows) / len(rows)
-            dec = sum(float(x["rc_dec"]) for x in rows) / len(rows)
-            slots = sum(1 for i in range(shape.enc_layers) if (i + 1) % shape.moe_freq == 0)
-            params, flops = count(shape, [enc] * slots, [dec] * slots)[:2]
-            chrf = sum(float(x["chrf"]) for x in rows) / len(rows)
-            ffn = ",".join(str(f) for f in shape.strata_ffn) if getattr(shape, "strata_ffn", None) else "uniform"
-            lines.append(f"| {r} | {ffn} | {params / 1e6:.2f}M | {enc:.3f} / {dec:.3f} | {flops / 1e6:.2f}M | "
-                         f"{chrf:.2f} | {logs[r][0][-1][1]:.3f} |")
+            lines += ["", f"## Strata widths (--smoe-strata-ffn) at equal parameters, {budget} updates", "",
+                      "| run | strata FFN | parameters | passes/token enc / dec | FLOPs/token (measured passes) "
+                      "| chrF | valid loss |", "|---|---|---|---|---|---|---|"]
+            for r, d in widths:
+                config, extra = run_flags(out, r)
+                flags, _ = load_config(config)
+                shape = shape_from_args(parse_model_args([*flags, *extra]), vocab_of(out / "bible"))
+                m = mean_scores(d)
+                slots = sum(1 for i in range(shape.enc_layers) if (i + 1) % shape.moe_freq == 0)
+                params, flops = count(shape, [m["rc_enc"]] * slots, [m["rc_dec"]] * slots)[:2]
+                ffn = ",".join(str(f) for f in shape.strata_ffn) if getattr(shape, "strata_ffn", None) else "uniform"
+                loss = dict(logs[r][0]).get(budget)
+                lines.append(f"| {r} | {ffn} | {params / 1e6:.2f}M | {m['rc_enc']:.3f} / {m['rc_dec']:.3f} | "
+                             f"{flops / 1e6:.2f}M | {m['chrf']:.2f} | {'' if loss is None else f'{loss:.3f}'} |")
 
     base = {u: l for u, l in logs.get("smoe-s1", ([], []))[0]}
     abl = [r for r in runs if r.startswith("abl-")]
     if abl and base:
-        lines += ["## Ablations of smoe (seed 1): validation loss at their last update", "",
+        lines += ["", "## Ablations of smoe (seed 1): validation loss at their last update", "",
                   "| run | updates | loss | smoe at that update | difference |", "|---|---|---|---|---|"]
         for r in abl:
             if not logs[r][0]:
@@ -241,31 +273,29 @@ def main(argv=None):
             diff = f"{l - ref:+.3f}" if ref is not None else ""
             lines.append(f"| {r} | {u} | {l:.3f} | {'' if ref is None else f'{ref:.3f}'} | {diff} |")
 
-    dials = [r for r in runs if (out / r / "dial" / "dial.csv").exists()]
+    dials = scored(out, runs, "dial")
     if dials:
         import csv
 
         fig, ax = plt.subplots(figsize=(6, 4.5))
         lines += ["", "## Compute dial (chrF mean over directions at every --smoe-max-passes K)", "",
-                  "![dial](dial.png)", "", "| model | K | passes/token | FLOPs/token | chrF | BLEU |",
-                  "|---|---|---|---|---|---|"]
-        for r in dials:
-            rows = list(csv.DictReader(open(out / r / "dial" / "dial.csv", encoding="utf-8")))
+                  "![dial](dial.png)", "", "| model | updates | K | passes/token | FLOPs/token | chrF | BLEU |",
+                  "|---|---|---|---|---|---|---|"]
+        for r, u, d in dials:
+            rows = list(csv.DictReader(open(d / "dial.csv", encoding="utf-8")))
             ax.plot([float(x["flops_per_token"]) / 1e6 for x in rows], [float(x["chrf"]) for x in rows],
-                    marker="o", label=system_of(r))
+                    marker="o", label=f"{system_of(r)}, {u} updates")
             for x in rows:
-                lines.append(f"| {r} | {x['k']} | {float(x['passes_per_token']):.3f} | "
+                lines.append(f"| {r} | {u} | {x['k']} | {float(x['passes_per_token']):.3f} | "
                              f"{float(x['flops_per_token']) / 1e6:.2f}M | {float(x['chrf']):.2f} | {float(x['bleu']):.2f} |")
-        dense = [r for r in evaluated if system_of(r) == "dense"]
-        if dense:
-            from fairseq_smoe.cost import config_shape, count
+        from fairseq_smoe.cost import config_shape, count
 
-            dense_flops = count(config_shape("demo/dense-tiny", 8000))[1]
-            chrfs = []
-            for r in dense:
-                rows = list(csv.DictReader(open(out / r / "eval" / "scores.csv", encoding="utf-8")))
-                chrfs.append(sum(float(x["chrf"]) for x in rows) / len(rows))
-            ax.scatter([dense_flops / 1e6], [sum(chrfs) / len(chrfs)], marker="*", s=150, color="k", label="dense")
+        dense_flops = count(config_shape("demo/dense-tiny", vocab_of(out / "bible")))[1]
+        for budget in sorted({u for _, u, _ in dials}):
+            chrfs = [mean_scores(d)["chrf"] for r, u, d in evaluated if u == budget and system_of(r) == "dense"]
+            if chrfs:
+                ax.scatter([dense_flops / 1e6], [sum(chrfs) / len(chrfs)], marker="*", s=150,
+                           label=f"dense, {budget} updates")
         ax.set_xlabel("FLOPs per token (M, forward, measured passes)")
         ax.set_ylabel("chrF (mean over directions)")
         ax.set_title("Compute dial: --smoe-max-passes K = 1..L")

@@ -6,14 +6,16 @@
 #   nohup scripts/study_small_scale.sh [OUT_DIR] > study.log 2>&1 &     # default OUT_DIR runs/study
 #
 # Budgets can grow: re-run with a larger MAIN_UPDATES (say) and the runs below it continue from
-# their last checkpoint (their old scores are dropped and recomputed).
+# their last checkpoint; their scores at the shorter budget move to <run>/u<updates>/ (kept: the
+# report compares systems at equal updates) and are recomputed at the new one.
 #
 # Every run is the `make demo` recipe (configs/demo/: smoe_transformer_tiny, 2+2 layers, d 128,
 # FFN 512, dropout 0, lr 5e-3, 2048 tokens per batch) with one thing changed, one math thread,
 # JOBS (default 2) runs at a time:
 #   main systems, MAIN_UPDATES (default 1250) updates: dense, moe (top-2, 4 experts), smoe (2,2,
 #     official residual); the main three again with the other SEEDS (default "1 2"), SEED_UPDATES
-#     (default 500) updates (the seed spread of the curves);
+#     (default 500) updates (the seed spread of the curves; SEED_EVAL=1 scores them on the test
+#     set too);
 #   ablations of smoe, ABL_UPDATES (default 500): the paper's residual (--smoe-residual paper),
 #     balance-loss weight 0, dropless, second expert = argmax (policy all), a 3x longer warm-up,
 #     MoE in every layer (--moe-freq 1);
@@ -40,6 +42,7 @@ ABL_UPDATES=${ABL_UPDATES:-500}
 EXT_UPDATES=${EXT_UPDATES:-400}
 DIAL_UPDATES=${DIAL_UPDATES:-$MAIN_UPDATES}
 SEED_UPDATES=${SEED_UPDATES:-500}
+SEED_EVAL=${SEED_EVAL:-0}
 VALID_EVERY=${VALID_EVERY:-250}
 VALID_STEPS=${VALID_STEPS:-30}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
@@ -64,9 +67,9 @@ first=${SEEDS%% *}
   echo "ext-moe-s$first|bible-ext|demo/moe-tiny|$EXT_UPDATES|0|0|--seed $first"
   echo "ext-smoe-s$first|bible-ext|demo/smoe-tiny|$EXT_UPDATES|0|0|--seed $first"
   for s in ${SEEDS#"$first"}; do
-    echo "dense-s$s|bible|demo/dense-tiny|$SEED_UPDATES|0|0|--seed $s"
-    echo "moe-s$s|bible|demo/moe-tiny|$SEED_UPDATES|0|0|--seed $s"
-    echo "smoe-s$s|bible|demo/smoe-tiny|$SEED_UPDATES|0|0|--seed $s"
+    echo "dense-s$s|bible|demo/dense-tiny|$SEED_UPDATES|$SEED_EVAL|0|--seed $s"
+    echo "moe-s$s|bible|demo/moe-tiny|$SEED_UPDATES|$SEED_EVAL|0|--seed $s"
+    echo "smoe-s$s|bible|demo/smoe-tiny|$SEED_UPDATES|$SEED_EVAL|0|--seed $s"
   done
   echo "abl-gate0-s$first|bible|demo/smoe-tiny|$ABL_UPDATES|0|0|--seed $first --moe-gate-loss-wt 0"
   echo "abl-dropless-s$first|bible|demo/smoe-tiny|$ABL_UPDATES|0|0|--seed $first --moe-dropless"
@@ -93,7 +96,14 @@ run_one() {
   local done_updates=0
   if [ -f "$dir/trained" ]; then done_updates=$(cat "$dir/trained"); done_updates=${done_updates:-0}; fi
   if [ "$done_updates" -lt "$updates" ]; then
-    if [ "$done_updates" -gt 0 ]; then rm -rf "$dir/eval" "$dir/dial" "$dir/eval.log" "$dir/dial.log"; fi
+    if [ "$done_updates" -gt 0 ]; then
+      # keep the shorter run's scores (eval may be a link into dial: move both together)
+      local kept=$dir/u$done_updates f
+      rm -rf "$kept"; mkdir -p "$kept"
+      for f in eval dial eval.log dial.log; do
+        if [ -e "$dir/$f" ] || [ -L "$dir/$f" ]; then mv "$dir/$f" "$kept/"; fi
+      done
+    fi
     echo "  $(date +%H:%M) training $name ($updates updates)" >&2
     # shellcheck disable=SC2086
     bash scripts/train.sh "$config" "$OUT/$data" "$dir/ckpt" $flags \

@@ -37,3 +37,38 @@ def test_parse_log_keeps_one_validation_per_update_and_the_interval_words(tmp_pa
 def test_system_of_strips_the_seed():
     assert study_report.system_of("smoe-w256-768-s12") == "smoe-w256-768"
     assert study_report.system_of("abl-paper-residual-s1") == "abl-paper-residual"
+
+
+def test_scored_finds_the_current_scores_and_those_kept_from_shorter_budgets(tmp_path):
+    # what study_small_scale.sh leaves after continuing smoe-s1 from 1250 to 3000 updates: the
+    # 1250-update dial (its eval a link into it) moved to u1250/, the new scores not yet written
+    # for moe-s1 (still training), a run never continued
+    def write(path, text="chrf,rc_enc,rc_dec\n20,1,1\n"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+    run = tmp_path / "smoe-s1"
+    write(run / "trained", "3000\n")
+    write(run / "dial" / "dial.csv", "k\n")
+    write(run / "dial" / "K2" / "scores.csv")
+    (run / "dial" / "as-trained").symlink_to("K2")
+    (run / "eval").symlink_to("dial/as-trained")
+    write(run / "u1250" / "dial" / "dial.csv", "k\n")
+    write(run / "u1250" / "dial" / "K2" / "scores.csv")
+    (run / "u1250" / "dial" / "as-trained").symlink_to("K2")
+    (run / "u1250" / "eval").symlink_to("dial/as-trained")
+    write(tmp_path / "moe-s1" / "trained", "1250\n")  # being continued: marker not yet raised
+    write(tmp_path / "moe-s1" / "u500" / "eval" / "scores.csv")
+    write(tmp_path / "dense-s1" / "trained", "1250\n")
+    write(tmp_path / "dense-s1" / "eval" / "scores.csv")
+    write(tmp_path / "dense-s2" / "trained", "\n")  # never finished: nothing counts
+    write(tmp_path / "dense-s2" / "eval" / "scores.csv")
+    runs = ["dense-s1", "dense-s2", "moe-s1", "smoe-s1"]
+    got = [(r, u, d.relative_to(tmp_path).as_posix()) for r, u, d in study_report.scored(tmp_path, runs)]
+    assert got == [("smoe-s1", 3000, "smoe-s1/eval"), ("dense-s1", 1250, "dense-s1/eval"),
+                   ("smoe-s1", 1250, "smoe-s1/u1250/eval"), ("moe-s1", 500, "moe-s1/u500/eval")]
+    dials = [(r, u) for r, u, _ in study_report.scored(tmp_path, runs, "dial")]
+    assert dials == [("smoe-s1", 3000), ("smoe-s1", 1250)]
+    assert study_report.mean_scores(run / "u1250" / "eval") == {"chrf": 20.0, "rc_enc": 1.0, "rc_dec": 1.0}
+    (tmp_path / "dense-s1" / "eval" / "scores.csv").write_text("chrf,rc_enc,rc_dec\n20,,\n22,,\n")
+    assert study_report.mean_scores(tmp_path / "dense-s1" / "eval") == {"chrf": 21.0, "rc_enc": None, "rc_dec": None}
