@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MAIN = ("dense", "moe", "smoe")
+MAIN = ("dense", "moe", "smoe", "smoe-paper")
 
 
 def parse_log(path: Path):
@@ -171,9 +171,11 @@ def main(argv=None):
         style = "-" if system_of(r) in MAIN else "--"
         draw(axes[0, 0], r, style=style)
         draw(axes[0, 1], r, flops_at, style=style)
-    for r in [q for q in runs if q.startswith("abl-")] + [q for q in bible if system_of(q) in MAIN and q.endswith("-s1")]:
-        draw(axes[1, 0], r, style="-" if r.startswith("abl-") else ":", colour=None if r.startswith("abl-") else "k"
-             if system_of(r) == "smoe" else "0.6")
+    # the ablations of smoe (and its paper-residual twin) in colour, smoe dotted black, dense and moe grey
+    variants = [q for q in runs if q.startswith("abl-") or q == "smoe-paper-s1"]
+    for r in variants + [q for q in bible if system_of(q) in ("dense", "moe", "smoe") and q.endswith("-s1")]:
+        own = r in variants
+        draw(axes[1, 0], r, style="-" if own else ":", colour=None if own else "k" if system_of(r) == "smoe" else "0.6")
     for r in [q for q in runs if q.startswith("ext-")]:
         draw(axes[1, 1], r)
     titles = [["Bible, 8 directions: main, dial and width systems", "the same against training compute"],

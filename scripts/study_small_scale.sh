@@ -13,12 +13,11 @@
 # FFN 512, dropout 0, lr 5e-3, 2048 tokens per batch) with one thing changed, one math thread,
 # JOBS (default 2) runs at a time:
 #   main systems, MAIN_UPDATES (default 1250) updates: dense, moe (top-2, 4 experts), smoe (2,2,
-#     official residual); the main three again with the other SEEDS (default "1 2"), SEED_UPDATES
-#     (default 500) updates (the seed spread of the curves; SEED_EVAL=1 scores them on the test
-#     set too);
-#   ablations of smoe, ABL_UPDATES (default 500): the paper's residual (--smoe-residual paper),
-#     balance-loss weight 0, dropless, second expert = argmax (policy all), a 3x longer warm-up,
-#     MoE in every layer (--moe-freq 1);
+#     official residual), smoe-paper (2,2, the paper's residual: --smoe-residual paper); dense,
+#     moe and smoe again with the other SEEDS (default "1 2"), SEED_UPDATES (default 500) updates
+#     (the seed spread of the curves; SEED_EVAL=1 scores them on the test set too);
+#   ablations of smoe, ABL_UPDATES (default 500): balance-loss weight 0, dropless, second
+#     expert = argmax (policy all), a 3x longer warm-up, MoE in every layer (--moe-freq 1);
 #     EXTRA_ABLATIONS=1 adds balance-loss weight 0.1 and the top-2 MoE dropless;
 #   the extended language set (eng <-> deu,fra,spa,rus,ita,ara,fas,vie,tgl: 18 directions),
 #     EXT_UPDATES (default 400): dense, moe, smoe;
@@ -26,8 +25,8 @@
 #     (--smoe-elastic-passes),
 #     smoe-w256-768 and smoe-w768-256 (--smoe-strata-ffn, as many parameters as smoe).
 # Validation loss (base 2) every VALID_EVERY (250) updates on the first VALID_STEPS (30) valid
-# batches (the same sentences for every run). The first-seed dense, moe, smoe, dial and width
-# systems are then scored on the test set (Mark, beam 5; scripts/evaluate.sh); smoe and smoe-elastic at every
+# batches (the same sentences for every run). The first-seed main, dial and width systems are
+# then scored on the test set (Mark, beam 5; scripts/evaluate.sh); smoe and smoe-elastic at every
 # --smoe-max-passes K (python -m fairseq_smoe.dial; its K = L decode, the model as trained, is
 # their evaluation: eval -> dial/K<L>). Finally scripts/study_report.py writes
 # OUT_DIR/study.md and OUT_DIR/study.png (valid loss vs updates and vs training FLOPs) and the
@@ -60,6 +59,7 @@ first=${SEEDS%% *}
   echo "dense-s$first|bible|demo/dense-tiny|$MAIN_UPDATES|1|0|--seed $first"
   echo "moe-s$first|bible|demo/moe-tiny|$MAIN_UPDATES|1|0|--seed $first"
   echo "smoe-s$first|bible|demo/smoe-tiny|$MAIN_UPDATES|1|1|--seed $first"
+  echo "smoe-paper-s$first|bible|demo/smoe-tiny|$MAIN_UPDATES|1|0|--seed $first --smoe-residual paper"
   echo "smoe-elastic-s$first|bible|demo/smoe-tiny-elastic|$DIAL_UPDATES|1|1|--seed $first"
   echo "smoe-w256-768-s$first|bible|demo/smoe-tiny-w256-768|$DIAL_UPDATES|1|0|--seed $first"
   echo "smoe-w768-256-s$first|bible|demo/smoe-tiny-w768-256|$DIAL_UPDATES|1|0|--seed $first"
@@ -76,7 +76,6 @@ first=${SEEDS%% *}
   echo "abl-policy-all-s$first|bible|demo/smoe-tiny|$ABL_UPDATES|0|0|--seed $first --moe-second-expert-policy all"
   echo "abl-warmup1200-s$first|bible|demo/smoe-tiny|$ABL_UPDATES|0|0|--seed $first --warmup-updates 1200"
   echo "abl-every-layer-s$first|bible|demo/smoe-tiny|$ABL_UPDATES|0|0|--seed $first --moe-freq 1"
-  echo "abl-paper-residual-s$first|bible|demo/smoe-tiny|$ABL_UPDATES|0|0|--seed $first --smoe-residual paper"
   if [ "${EXTRA_ABLATIONS:-0}" = 1 ]; then
     echo "abl-gate0.1-s$first|bible|demo/smoe-tiny|$ABL_UPDATES|0|0|--seed $first --moe-gate-loss-wt 0.1"
     echo "abl-moe-dropless-s$first|bible|demo/moe-tiny|$ABL_UPDATES|0|0|--seed $first --moe-dropless"
