@@ -95,10 +95,11 @@ run_one() {
   local done_updates=0
   if [ -f "$dir/trained" ]; then done_updates=$(cat "$dir/trained"); done_updates=${done_updates:-0}; fi
   if [ "$done_updates" -lt "$updates" ]; then
-    if [ "$done_updates" -gt 0 ]; then
-      # keep the shorter run's scores (eval may be a link into dial: move both together)
-      local kept=$dir/u$done_updates f
-      rm -rf "$kept"; mkdir -p "$kept"
+    # keep the shorter run's scores (eval may be a link into dial: move both together); a
+    # continuation that was interrupted has moved them already
+    local kept=$dir/u$done_updates f
+    if [ "$done_updates" -gt 0 ] && [ ! -d "$kept" ]; then
+      mkdir -p "$kept"
       for f in eval dial eval.log dial.log; do
         if [ -e "$dir/$f" ] || [ -L "$dir/$f" ]; then mv "$dir/$f" "$kept/"; fi
       done
