@@ -47,6 +47,10 @@ VALID_STEPS=${VALID_STEPS:-30}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
+# one study per OUT_DIR at a time: two would train the same runs into the same checkpoints
+exec 9>"$OUT/.study.lock"
+flock -n 9 || { echo "error: another study_small_scale.sh is running on $OUT (its log: where its nohup wrote);" \
+  "wait for it to finish or stop it, then run this again (finished runs are kept)" >&2; exit 1; }
 
 bash scripts/prepare_data.sh bible "$OUT/bible" >"$OUT/prepare_bible.log" 2>&1 \
   || { tail -20 "$OUT/prepare_bible.log" >&2; exit 1; }
