@@ -75,23 +75,34 @@ def vocab_of(data: Path) -> int:
     return sum(1 for _ in open(data / "dict.txt", encoding="utf-8")) + 4 + len((data / "langs.txt").read_text().split(","))
 
 
-def flops_curve(out: Path, name: str, inner):
-    """Cumulative training FLOPs at each logged update."""
-    from fairseq_smoe.cost import count, parse_model_args, shape_from_args
+def shape_of(out: Path, name: str):
+    """The cost module's model shape of a run: its recipe and flags from runs.txt, the vocabulary
+    of its data."""
+    from fairseq_smoe.cost import parse_model_args, shape_from_args
     from fairseq_smoe.recipes import load_config
 
     config, extra = run_flags(out, name)
     flags, _ = load_config(config)
     data = out / ("bible-ext" if name.startswith("ext-") else "bible")
-    shape = shape_from_args(parse_model_args([*flags, *extra]), vocab_of(data))
+    return shape_from_args(parse_model_args([*flags, *extra]), vocab_of(data))
+
+
+def params_and_flops(shape, rc_enc, rc_dec):
+    """(#params, forward FLOPs per token) with rc_enc / rc_dec strata passes in every MoE slot."""
+    from fairseq_smoe.cost import count
+
+    if not shape.moe_freq:
+        return count(shape)[:2]
+    slots = max(1, sum(1 for i in range(shape.enc_layers) if (i + 1) % shape.moe_freq == 0))
+    return count(shape, [rc_enc] * slots, [rc_dec] * slots)[:2]
+
+
+def flops_curve(out: Path, name: str, inner):
+    """Cumulative training FLOPs at each logged update."""
+    shape = shape_of(out, name)
     total, curve = 0.0, {}
-    slots = max(1, sum(1 for i in range(shape.enc_layers) if shape.moe_freq and (i + 1) % shape.moe_freq == 0))
     for update, words, rc_enc, rc_dec in inner:
-        if shape.moe_freq:
-            per_tok = count(shape, [rc_enc] * slots, [rc_dec] * slots)[1]
-        else:
-            per_tok = count(shape)[1]
-        total += 3 * per_tok * words
+        total += 3 * params_and_flops(shape, rc_enc, rc_dec)[1] * words
         curve[update] = total
     return curve
 
@@ -244,19 +255,13 @@ def main(argv=None):
         widths = [(r, d) for r, u, d in evaluated
                   if u == budget and system_of(r) in ("smoe", "smoe-w256-768", "smoe-w768-256") and r.endswith("-s1")]
         if len(widths) > 1:
-            from fairseq_smoe.cost import count, parse_model_args, shape_from_args
-            from fairseq_smoe.recipes import load_config
-
             lines += ["", f"## Strata widths (--smoe-strata-ffn) at equal parameters, {budget} updates", "",
                       "| run | strata FFN | parameters | passes/token enc / dec | FLOPs/token (measured passes) "
                       "| chrF | valid loss |", "|---|---|---|---|---|---|---|"]
             for r, d in widths:
-                config, extra = run_flags(out, r)
-                flags, _ = load_config(config)
-                shape = shape_from_args(parse_model_args([*flags, *extra]), vocab_of(out / "bible"))
+                shape = shape_of(out, r)
                 m = mean_scores(d)
-                slots = sum(1 for i in range(shape.enc_layers) if (i + 1) % shape.moe_freq == 0)
-                params, flops = count(shape, [m["rc_enc"]] * slots, [m["rc_dec"]] * slots)[:2]
+                params, flops = params_and_flops(shape, m["rc_enc"], m["rc_dec"])
                 ffn = ",".join(str(f) for f in shape.strata_ffn) if getattr(shape, "strata_ffn", None) else "uniform"
                 loss = dict(logs[r][0]).get(budget)
                 lines.append(f"| {r} | {ffn} | {params / 1e6:.2f}M | {m['rc_enc']:.3f} / {m['rc_dec']:.3f} | "

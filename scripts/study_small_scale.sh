@@ -95,7 +95,7 @@ run_one() {
   dir=$OUT/$name
   mkdir -p "$dir"
   # "trained" holds the updates a run was trained to; a larger budget continues the run from its
-  # checkpoint_last.pt and drops the scores of the shorter run
+  # checkpoint_last.pt
   local done_updates=0
   if [ -f "$dir/trained" ]; then done_updates=$(cat "$dir/trained"); done_updates=${done_updates:-0}; fi
   if [ "$done_updates" -lt "$updates" ]; then
