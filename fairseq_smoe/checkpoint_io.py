@@ -290,6 +290,7 @@ def _load_checkpoint_to_cpu(original):
         problem = structure_problem(state)
         if problem:
             raise CheckpointError(path, problem, _resume_fix(WRITTEN_BY_TRAIN))
+        checkpoints.upgrade_expert_layout(state, str(path))  # (the model's load transposes the weights)
         if target is not None:  # an expert-parallel rank: its experts and their optimizer state
             if reset_optimizer:  # --reset-optimizer: fairseq ignores it; do not split or check it
                 state.pop("last_optimizer_state", None)

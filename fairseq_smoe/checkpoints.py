@@ -1,7 +1,7 @@
 """Checkpoints of expert-parallel training that load at any world size.
 
 With ``--moe-expert-parallel`` each rank holds only its experts ``[lo, hi)`` of each SMoE block
-(``StackedExperts``: ``w1 [hi-lo, d, ffn]``, ``b1``, ``w2``, ``b2``) and their optimizer state.
+(``StackedExperts``: ``w1 [hi-lo, ffn, d]``, ``b1``, ``w2``, ``b2``) and their optimizer state.
 fairseq saves on rank 0 only, so without help a checkpoint would hold rank 0's experts. Here:
 
 **Consolidated (default).** At every save all ranks take part: each expert tensor and each of
@@ -543,6 +543,46 @@ def localize(state: dict, plan: Plan, path: str) -> dict:
             osd["state"][idx] = {**osd["state"][idx], **{k: osd["state"][idx][k][lo:hi].clone() for k in ks}}
         check_optimizer_state(osd, plan, path)
     return state
+
+
+_OLD_WEIGHT = re.compile(r"(?:^|\.)experts\.w[12](?:_\d+)?$")
+
+
+def upgrade_expert_layout(state: dict, path: str) -> None:
+    """The optimizer state of a checkpoint saved before the expert weights took nn.Linear's
+    ``[out, in]`` layout (``modules/experts.py``: its model has expert weights and no
+    ``weight_layout`` key), transposed as the model's load transposes the weights themselves:
+    the state tensors of each expert weight (Adam's moments), or their segments of fairseq's
+    flat fp32 buffer (``--fp16`` / ``--bf16`` with flattened gradients). In place."""
+    model = state.get("model") or {}
+    old = [k for k in model if _OLD_WEIGHT.search(k) and k[:k.rindex(".") + 1] + "weight_layout" not in model]
+    osd = state.get("last_optimizer_state")
+    if not old or not osd or not osd.get("state"):
+        return
+    names = ((state.get("extra_state") or {}).get(META) or {}).get("param_names")
+    old_set, shapes = set(old), {tuple(model[k].shape) for k in old}
+    total = sum(model[n].numel() for n in names) if names and all(n in model for n in names) else None
+    largest_1d = max([t.numel() for t in model.values() if torch.is_tensor(t) and t.dim() == 1] or [0])
+    for idx, st in osd["state"].items():
+        for key, v in list(st.items()):
+            if not torch.is_tensor(v):
+                continue
+            if v.dim() == 1 and v.numel() == total:  # fairseq's flat fp32 buffer, in optimizer order
+                v, at = v.clone(), 0
+                for n in names:
+                    if n in old_set:
+                        seg = v[at:at + model[n].numel()]
+                        seg.copy_(seg.view(model[n].shape).transpose(1, 2).reshape(-1))
+                    at += model[n].numel()
+                st[key] = v
+            elif v.dim() == 1 and v.numel() > largest_1d:
+                raise CheckpointError(
+                    path, f"has flat optimizer state ({key!r}, {v.numel()} values) whose parameters it does not name: "
+                    f"its expert weights' segments cannot be brought to the current [out, in] expert layout",
+                    "resume with --reset-optimizer (the weights themselves load)")
+            elif v.dim() == 3 and (names[idx] in old_set if names and isinstance(idx, int) and idx < len(names)
+                                   else tuple(v.shape) in shapes):
+                st[key] = v.transpose(1, 2).contiguous()
 
 
 def check_optimizer_state(osd: dict, plan: Plan, path: str) -> None:

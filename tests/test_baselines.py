@@ -32,7 +32,7 @@ def rand_x(T, B, seed=1):
 
 def expert(block, e, u):
     ex = block.experts
-    return F.relu(u @ ex.w1[e] + ex.b1[e]) @ ex.w2[e] + ex.b2[e]
+    return F.relu(u @ ex.w1[e].t() + ex.b1[e]) @ ex.w2[e].t() + ex.b2[e]
 
 
 def top2_mixture(block, u):

@@ -168,3 +168,37 @@ def test_checkpoint_round_trip_and_wrong_architecture(run, tmp_path):
             checkpoint_utils.load_model_ensemble_and_task([str(path)], arg_overrides={**overrides, **wrong})
         msg = str(err.value) + str(err.value.__cause__ or "")
         assert "strata 2,2" in msg and ("strata 3,1" in msg or "no SMoE blocks" in msg), msg
+
+
+def to_old_layout(state):
+    """``state`` as fairseq-smoe wrote checkpoints before the expert weights took nn.Linear's
+    [out, in] layout: expert weights and their Adam moments [E, in, out], no weight_layout key."""
+    expert_weight = re.compile(r"experts\.w[12]$")
+    state["model"] = {k: (v.transpose(1, 2).contiguous() if expert_weight.search(k) else v)
+                      for k, v in state["model"].items() if not k.endswith("experts.weight_layout")}
+    names = state["extra_state"]["smoe_parallel"]["param_names"]
+    moved = 0
+    for i, st in state["last_optimizer_state"]["state"].items():
+        if expert_weight.search(names[i]):
+            for key, v in st.items():
+                if torch.is_tensor(v) and v.dim() == 3:
+                    st[key], moved = v.transpose(1, 2).contiguous(), moved + 1
+    assert moved == 2 * 2 * 2  # exp_avg, exp_avg_sq of w1, w2 of the encoder's and decoder's block
+    return state
+
+
+def test_a_checkpoint_of_the_earlier_expert_layout_resumes_exactly(run, tmp_path):
+    """A checkpoint written before the expert weights took nn.Linear's layout resumes, Adam
+    state included, exactly like the same checkpoint in today's layout (the same losses and
+    gradient norms update by update)."""
+    path = run["save"] / "checkpoint_last.pt"
+    logs = {}
+    for name in ("now", "old"):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        assert sum(k.endswith("experts.weight_layout") for k in state["model"]) == 2
+        (tmp_path / name).mkdir()
+        torch.save(to_old_layout(state) if name == "old" else state, tmp_path / name / "checkpoint_last.pt")
+        out = fairseq("train", *train_args(run["data"], tmp_path / name, 104), "--log-interval", "1")
+        assert "@ 100 updates" in out
+        logs[name] = [(r["loss"], r["gnorm"], r["moe_gate_loss"]) for r in json_logs(out, "train_inner")]
+    assert len(logs["now"]) == 4 and logs["old"] == logs["now"]

@@ -189,7 +189,7 @@ def test_two_ranks_train_exactly_like_one_process(runs):
     for name in ("checkpoint_1_1.pt", "checkpoint_1_4.pt", "checkpoint_last.pt"):
         a, b = load(tmp / "one" / name), load(tmp / "two" / name)
         # the consolidated file has every expert: [4, d, ffn], exactly as the 1-process file
-        assert b["model"]["encoder.layers.1.moe.experts.w1"].shape == (4, 128, 512)
+        assert b["model"]["encoder.layers.1.moe.experts.w1"].shape == (4, 512, 128)
         assert_states_close(a, b)  # update 1: exp_avg = 0.1 x the gradient of every parameter
     meta = load(tmp / "two" / "checkpoint_last.pt")["extra_state"]["smoe_parallel"]
     assert (meta["world_size"], meta["expert_parallel"], meta["num_experts"]) == (2, True, 4)
@@ -260,7 +260,7 @@ def test_one_stratum_with_experts_replicated_on_four_ranks(data, tmp_path):
     assert_logs_equal(one, four, range(1, 3))
     assert all(float(r["rc_enc"]) == 1.0 for r in json_logs(four))
     a, b = load(tmp_path / "one" / "checkpoint_last.pt"), load(tmp_path / "four" / "checkpoint_last.pt")
-    assert b["model"]["decoder.layers.1.moe.experts.w1"].shape == (2, 128, 512)
+    assert b["model"]["decoder.layers.1.moe.experts.w1"].shape == (2, 512, 128)
     assert_states_close(a, b)
 
 
@@ -293,7 +293,7 @@ def load_error(path):
 def test_a_complete_shard_set_loads_with_every_expert(shard_set):
     d, index, files = shard_set
     state = checkpoint_utils.load_checkpoint_to_cpu(str(d / "checkpoint_last.pt"))
-    assert state["model"]["decoder.layers.1.moe.experts.w2"].shape == (4, 512, 128)
+    assert state["model"]["decoder.layers.1.moe.experts.w2"].shape == (4, 128, 512)
     assert state["last_optimizer_state"]["state"][0]["exp_avg"].shape == state["model"]["encoder.embed_tokens.weight"].shape
 
 

@@ -23,20 +23,19 @@ TOL = dict(atol=1e-6, rtol=1e-6)
 
 
 def official_names(block: SMoEBlock):
-    """Our parameter for each official tensor name, and how to turn the official layout into
-    ours (nn.Linear's [out, in] -> our stacked [E, in, out])."""
+    """Our parameter for each official tensor name (same layouts: the official experts' stacked
+    nn.Linear weights ``[E, out, in]`` are ours)."""
     L = block.cfg.num_strata
     names = {
-        "fc1_weight": (block.experts.w1, True), "fc1_bias": (block.experts.b1, False),
-        "fc2_weight": (block.experts.w2, True), "fc2_bias": (block.experts.b2, False),
-        "final_layer_norm_weight": (block.ffn_norm.weight, False),
-        "final_layer_norm_bias": (block.ffn_norm.bias, False),
+        "fc1_weight": block.experts.w1, "fc1_bias": block.experts.b1,
+        "fc2_weight": block.experts.w2, "fc2_bias": block.experts.b2,
+        "final_layer_norm_weight": block.ffn_norm.weight, "final_layer_norm_bias": block.ffn_norm.bias,
     }
     for s in range(L):
-        names[f"gate{s}_weight"] = (block.routers[s].weight, False)
+        names[f"gate{s}_weight"] = block.routers[s].weight
     for s, norm in enumerate(block.strata_norms):  # official hmoe_layernorms[s]
-        names[f"hmoe_layernorm{s}_weight"] = (norm.weight, False)
-        names[f"hmoe_layernorm{s}_bias"] = (norm.bias, False)
+        names[f"hmoe_layernorm{s}_weight"] = norm.weight
+        names[f"hmoe_layernorm{s}_bias"] = norm.bias
     return names
 
 
@@ -50,9 +49,8 @@ def build(case):
     names = official_names(block)
     assert set(names) == set(case["weights"]), "the golden case and our block disagree on parameters"
     with torch.no_grad():
-        for key, (param, transpose) in names.items():
-            w = case["weights"][key]
-            param.copy_(w.transpose(1, 2) if transpose else w)
+        for key, param in names.items():
+            param.copy_(case["weights"][key])
     return block, names
 
 
@@ -80,9 +78,7 @@ def test_block_matches_the_official_layer(case):
 
     ((out * case["upstream_grad"]).sum() + stats.aux_loss).backward()
     torch.testing.assert_close(x.grad, case["grads"]["input"], **TOL)
-    for key, (param, transpose) in names.items():
-        want = case["grads"][key]
-        want = want.transpose(1, 2) if transpose else want
-        torch.testing.assert_close(param.grad, want, **TOL, msg=f"gradient of {key}")
+    for key, param in names.items():
+        torch.testing.assert_close(param.grad, case["grads"][key], **TOL, msg=f"gradient of {key}")
     # the routers' gradients include the balance term's: they must not be zero
     assert all(r.weight.grad.abs().sum() > 0 for r in block.routers)

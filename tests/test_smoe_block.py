@@ -30,7 +30,7 @@ def rand_x(T, B, seed=1, dtype=torch.float64, scale=1.0, shift=0.0):
 
 def expert_ffn(block, e, u):
     ex = block.experts
-    return F.relu(u @ ex.w1[e] + ex.b1[e]) @ ex.w2[e] + ex.b2[e]
+    return F.relu(u @ ex.w1[e].t() + ex.b1[e]) @ ex.w2[e].t() + ex.b2[e]
 
 
 def stratum_of(cfg, e):
@@ -102,9 +102,9 @@ def test_one_expert_equals_dense_pre_ln_ffn(training):
     block = make_block((1,))
     block.train(training)
     fc1, fc2 = nn.Linear(D, FFN).double(), nn.Linear(FFN, D).double()
-    fc1.weight.copy_(block.experts.w1[0].t())
+    fc1.weight.copy_(block.experts.w1[0])
     fc1.bias.copy_(block.experts.b1[0])
-    fc2.weight.copy_(block.experts.w2[0].t())
+    fc2.weight.copy_(block.experts.w2[0])
     fc2.bias.copy_(block.experts.b2[0])
     ln = nn.LayerNorm(D).double()
     x = rand_x(6, 2)

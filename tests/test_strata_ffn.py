@@ -19,7 +19,7 @@ def make(strata, widths, seed=0, **kw):
 
 
 def expert_params(block):
-    """Per global expert: (w1 [d, f], b1, w2 [f, d], b2), whatever its width group."""
+    """Per global expert: (w1 [f, d], b1, w2 [d, f], b2), whatever its width group."""
     out = []
     for (first, n, f), (w1, b1, w2, b2) in zip(block.experts.groups, block.experts.group_params()):
         out += [(w1[i], b1[i], w2[i], b2[i]) for i in range(n)]
@@ -42,7 +42,7 @@ def reference(block, x_TBd):
             y = 0
             for i, e in enumerate(top):
                 w1, b1, w2, b2 = params[first + e]
-                y = y + w[i] * (F.relu(u @ w1 + b1) @ w2 + b2)
+                y = y + w[i] * (F.relu(u @ w1.t() + b1) @ w2.t() + b2)
             x = y + (u if (cfg.residual == "official" and s > 0) else x)
             s = next(t for t in range(L) if first + top[0] < cfg.first_expert(t) + cfg.strata[t]) + 1
         rows.append(block.strata_norms[-1](x) if cfg.has_exit_norm else x)
@@ -73,8 +73,8 @@ def test_widths_are_stored_per_run_of_equal_widths_without_padding():
     block = make((1, 2, 1), (4, 12, 12))
     assert block.experts.groups == [(0, 1, 4), (1, 3, 12)]  # strata 1 and 2 share a width
     shapes = {n: tuple(p.shape) for n, p in block.experts.named_parameters()}
-    assert shapes == {"w1_0": (1, D, 4), "b1_0": (1, 4), "w2_0": (1, 4, D), "b2_0": (1, D),
-                      "w1_1": (3, D, 12), "b1_1": (3, 12), "w2_1": (3, 12, D), "b2_1": (3, D)}
+    assert shapes == {"w1_0": (1, 4, D), "b1_0": (1, 4), "w2_0": (1, D, 4), "b2_0": (1, D),
+                      "w1_1": (3, 12, D), "b1_1": (3, 12), "w2_1": (3, D, 12), "b2_1": (3, D)}
     n_expert = sum(p.numel() for p in block.experts.parameters())
     assert n_expert == sum(n * (2 * D * f + f + D) for n, f in ((1, 4), (3, 12)))
     # one width for every stratum: today's single group and names

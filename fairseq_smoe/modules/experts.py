@@ -9,6 +9,7 @@ experts and the outputs come back (``_rows_forward`` / ``_rows_backward``); ever
 """
 
 import math
+import re
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -22,8 +23,35 @@ from .precision import autocast_off
 from .routing import SlotLayout
 
 
+# The stored layout of the expert weights. 2: nn.Linear's [out, in] (w1 [E, d_ff, d], w2 [E, d,
+# d_ff]), the layout of the official code's experts and the fast one for the forward on CPU (MKL's
+# small-batch GEMM with a [k, m] row-major weight is up to 2x slower; scripts/benchmark_layer.py).
+# Before it: [in, out], in checkpoints with no ``weight_layout`` key (see upgrade_weight_layout).
+WEIGHT_LAYOUT = 2
+_WEIGHT = re.compile(r"w[12](_\d+)?")
+
+
+def upgrade_weight_layout(state_dict: dict, prefix: str = "") -> bool:
+    """The expert weights of ``StackedExperts`` at ``prefix`` in ``state_dict``, saved before
+    ``WEIGHT_LAYOUT`` 2 (``[in, out]``: there is no ``prefix + "weight_layout"`` key), transposed to
+    ours in place, and the key added. True if it upgraded anything."""
+    if prefix + "weight_layout" in state_dict or prefix + "w1" not in state_dict and prefix + "w1_0" not in state_dict:
+        return False
+    for key in list(state_dict):
+        if key.startswith(prefix) and _WEIGHT.fullmatch(key[len(prefix):]):
+            state_dict[key] = state_dict[key].transpose(1, 2).contiguous()
+    state_dict[prefix + "weight_layout"] = torch.tensor(WEIGHT_LAYOUT)
+    return True
+
+
+def _upgrade_on_load(module, state_dict, prefix, *unused):  # a load_state_dict pre-hook
+    upgrade_weight_layout(state_dict, prefix)
+
+
 class StackedExperts(nn.Module):
-    """E independent FFNs d -> d_ff -> ReLU -> d, weights ``[E, d, d_ff]`` and ``[E, d_ff, d]``.
+    """E independent FFNs d -> d_ff -> ReLU -> d, weights in nn.Linear's layout ``[E, d_ff, d]``
+    and ``[E, d, d_ff]``; a checkpoint of the earlier ``[E, d, d_ff]`` layout is transposed as it
+    loads (``upgrade_weight_layout``; the buffer ``weight_layout`` marks the layout in state dicts).
 
     Each expert is initialised like ``nn.Linear`` (uniform in +-1/sqrt(fan_in)), i.e. like
     fairseq's dense FFN, so a 1-expert block can be loaded from / compared with a dense FFN.
@@ -34,7 +62,7 @@ class StackedExperts(nn.Module):
 
     ``widths``: experts of different FFN widths (``--smoe-strata-ffn``): ``[(experts, d_ff),
     ...]`` in expert order, one group per width, stored as ``w1_g, b1_g, w2_g, b2_g`` of shape
-    ``[experts, d, d_ff_g]`` etc.; no expert is padded to the widest. One group (the default)
+    ``[experts, d_ff_g, d]`` etc.; no expert is padded to the widest. One group (the default)
     keeps the names ``w1, b1, w2, b2``.
     """
 
@@ -58,15 +86,17 @@ class StackedExperts(nn.Module):
             start += n
         for g, (_, n, f) in enumerate(self.groups):
             suffix = "" if len(self.groups) == 1 else f"_{g}"
-            self.register_parameter("w1" + suffix, nn.Parameter(torch.empty(n, embed_dim, f)))
+            self.register_parameter("w1" + suffix, nn.Parameter(torch.empty(n, f, embed_dim)))
             self.register_parameter("b1" + suffix, nn.Parameter(torch.empty(n, f)))
-            self.register_parameter("w2" + suffix, nn.Parameter(torch.empty(n, f, embed_dim)))
+            self.register_parameter("w2" + suffix, nn.Parameter(torch.empty(n, embed_dim, f)))
             self.register_parameter("b2" + suffix, nn.Parameter(torch.empty(n, embed_dim)))
         if ep is not None:
             for p in self.parameters():
                 p.expert = True  # fairseq's legacy_ddp skips these; see expert_parallel.py
                 p.expert_shard = (*self.local_range, num_experts)
         self.activation_dropout = activation_dropout
+        self.register_buffer("weight_layout", torch.tensor(WEIGHT_LAYOUT))
+        self.register_load_state_dict_pre_hook(_upgrade_on_load)
         self.reset_parameters()
 
     def group_params(self) -> List[Tuple[Tensor, Tensor, Tensor, Tensor]]:
@@ -94,10 +124,10 @@ class StackedExperts(nn.Module):
     def forward(self, x_VCd: Tensor, first: int = 0) -> Tensor:
         """Run experts ``first .. E-1`` on their buffers: ``[V, C, d] -> [V, C, d]`` (all experts
         local; the one-hot baseline of scripts/benchmark_layer.py uses it)."""
-        h = torch.baddbmm(self.b1[first:].unsqueeze(1), x_VCd, self.w1[first:])
+        h = torch.baddbmm(self.b1[first:].unsqueeze(1), x_VCd, self.w1[first:].transpose(1, 2))
         h = F.relu(h)
         h = F.dropout(h, p=self.activation_dropout, training=self.training)
-        return torch.baddbmm(self.b2[first:].unsqueeze(1), h, self.w2[first:])
+        return torch.baddbmm(self.b2[first:].unsqueeze(1), h, self.w2[first:].transpose(1, 2))
 
     def weights(self, dtype: Optional[torch.dtype] = None) -> "PassWeights":
         """The weights as seen by the passes of one block forward (see ExpertGrads), in

@@ -72,50 +72,51 @@ def group_offsets(counts_V: Tensor) -> Tensor:
     return counts_V.cumsum(0).to(torch.int32)
 
 
-def grouped_linear(x_Rk: Tensor, w_Vkm: Tensor, chunks: Chunks, bias_Vm: Optional[Tensor] = None,
+def grouped_linear(x_Rk: Tensor, w_Vmk: Tensor, chunks: Chunks, bias_Vm: Optional[Tensor] = None,
                    counts_V: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
-    """``x_e @ w_e (+ b_e)`` for every chunk's rows: ``[R, k] -> [R, m]`` (into ``out`` if given)."""
-    R, m = x_Rk.size(0), w_Vkm.size(2)
-    if backend_for(x_Rk, w_Vkm, chunks, counts_V) == "grouped":
-        y = torch._grouped_mm(x_Rk, w_Vkm, offs=group_offsets(counts_V))
+    """``x_e @ w_e^T (+ b_e)`` for every chunk's rows, ``w`` in nn.Linear's ``[out, in]`` layout:
+    ``[R, k] -> [R, m]`` (into ``out`` if given)."""
+    R, m = x_Rk.size(0), w_Vmk.size(1)
+    if backend_for(x_Rk, w_Vmk, chunks, counts_V) == "grouped":
+        y = torch._grouped_mm(x_Rk, w_Vmk.transpose(1, 2), offs=group_offsets(counts_V))
         if bias_Vm is not None:
             y += torch.repeat_interleave(bias_Vm, counts_V, dim=0, output_size=R)
         return y if out is None else out.copy_(y)
     out = x_Rk.new_empty(R, m) if out is None else out
-    w = w_Vkm.unbind(0)
+    w = w_Vmk.unbind(0)
     bias = bias_Vm.unbind(0) if bias_Vm is not None else None
     for e, x_e, out_e in _groups(chunks, x_Rk, out):
         if bias is None:
-            torch.mm(x_e, w[e], out=out_e)
+            torch.mm(x_e, w[e].t(), out=out_e)
         else:
-            torch.addmm(bias[e], x_e, w[e], out=out_e)
+            torch.addmm(bias[e], x_e, w[e].t(), out=out_e)
     return out
 
 
-def grouped_linear_t(x_Rm: Tensor, w_Vkm: Tensor, chunks: Chunks,
+def grouped_linear_t(x_Rm: Tensor, w_Vmk: Tensor, chunks: Chunks,
                      counts_V: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
-    """``x_e @ w_e^T`` for every chunk's rows (the input gradient of ``grouped_linear``):
+    """``x_e @ w_e`` for every chunk's rows (the input gradient of ``grouped_linear``):
     ``[R, m] -> [R, k]`` (into ``out`` if given)."""
-    if backend_for(x_Rm, w_Vkm, chunks, counts_V) == "grouped":
-        y = torch._grouped_mm(x_Rm, w_Vkm.transpose(1, 2), offs=group_offsets(counts_V))
+    if backend_for(x_Rm, w_Vmk, chunks, counts_V) == "grouped":
+        y = torch._grouped_mm(x_Rm, w_Vmk, offs=group_offsets(counts_V))
         return y if out is None else out.copy_(y)
-    out = x_Rm.new_empty(x_Rm.size(0), w_Vkm.size(1)) if out is None else out
-    w = w_Vkm.unbind(0)
+    out = x_Rm.new_empty(x_Rm.size(0), w_Vmk.size(2)) if out is None else out
+    w = w_Vmk.unbind(0)
     for e, x_e, out_e in _groups(chunks, x_Rm, out):
-        torch.mm(x_e, w[e].t(), out=out_e)
+        torch.mm(x_e, w[e], out=out_e)
     return out
 
 
-def grouped_weight_grad(x_Rk: Tensor, g_Rm: Tensor, chunks: Chunks, gw_Vkm: Tensor, gb_Vm: Tensor,
+def grouped_weight_grad(x_Rk: Tensor, g_Rm: Tensor, chunks: Chunks, gw_Vmk: Tensor, gb_Vm: Tensor,
                         fresh: List[bool], counts_V: Optional[Tensor] = None) -> None:
-    """Weight and bias gradients of ``grouped_linear``: ``gw_e = x_e^T g_e``, ``gb_e = sum g_e``
+    """Weight and bias gradients of ``grouped_linear``: ``gw_e = g_e^T x_e``, ``gb_e = sum g_e``
     over the chunks of expert e, in place: written over the experts with ``fresh[e]`` (no
     gradient yet; 0 for one with no rows), added to the others. Clears ``fresh`` for the
     experts it wrote."""
-    gw, gb = gw_Vkm.unbind(0), gb_Vm.unbind(0)
+    gw, gb = gw_Vmk.unbind(0), gb_Vm.unbind(0)
     if backend_for(x_Rk, g_Rm, chunks, counts_V) == "grouped":
         offs = group_offsets(counts_V)
-        full_w = torch._grouped_mm(x_Rk.t(), g_Rm, offs=offs).unbind(0)
+        full_w = torch._grouped_mm(g_Rm.t(), x_Rk, offs=offs).unbind(0)
         full_b = torch.segment_reduce(g_Rm, "sum", lengths=counts_V, axis=0, unsafe=True, initial=0).unbind(0)
         for e in range(len(chunks)):
             (gw[e].copy_ if fresh[e] else gw[e].add_)(full_w[e])
@@ -124,11 +125,11 @@ def grouped_weight_grad(x_Rk: Tensor, g_Rm: Tensor, chunks: Chunks, gw_Vkm: Tens
         return
     for e, x_e, g_e in _groups(chunks, x_Rk, g_Rm):
         if fresh[e]:
-            torch.mm(x_e.t(), g_e, out=gw[e])
+            torch.mm(g_e.t(), x_e, out=gw[e])
             torch.sum(g_e, 0, out=gb[e])
             fresh[e] = False
         else:
-            gw[e].addmm_(x_e.t(), g_e)
+            gw[e].addmm_(g_e.t(), x_e)
             gb[e].add_(g_e.sum(0))
     for e, _ in chunks:
         if fresh[e]:  # an expert of the pass with no rows: gradient 0 so far
