@@ -180,7 +180,7 @@ class ExpertGrads:
     """Accumulates the expert weight gradients of all passes of one block forward.
 
     Letting autograd return a full-size gradient per pass would allocate, zero and add
-    ``[E, d, d_ff]`` tensors at every pass. Instead each pass's backward writes (an expert's
+    ``[E, d_ff, d]`` tensors at every pass. Instead each pass's backward writes (an expert's
     first time) or adds (later) its experts' gradients in place, with the GEMM itself
     (``grouped.grouped_weight_grad``), and ``_WeightsEntry``, whose outputs every pass consumes
     and whose backward therefore runs after all of theirs, hands the totals to autograd (with
