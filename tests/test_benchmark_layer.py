@@ -159,3 +159,16 @@ def test_skewed_onehot_baseline_still_equals_the_block():
     onehot = _run(block, lambda x, p: benchmark_layer.onehot_smoe_forward(block, x, p), x, gy, None)
     torch.testing.assert_close(onehot[0], ours[0], atol=1e-12, rtol=1e-12)
     assert onehot[3][1:3] == ours[3][1:3] and ours[3][1] > 0  # the same drops, and some
+
+
+def test_cpu_gemm_benchmark_times_the_same_product_in_both_layouts(capsys):
+    import benchmark_cpu_gemm
+
+    rows = benchmark_cpu_gemm.layout_rows(8, 16, reps=1, rows=(3, 5))
+    assert [(name, r) for name, r, _, _ in rows] == [("8 -> 16", 3), ("8 -> 16", 5), ("16 -> 8", 3), ("16 -> 8", 5)]
+    assert all(a > 0 and b > 0 for _, _, a, b in rows)
+    mem = benchmark_cpu_gemm.memory_rows(8, 16, 2, reps=1)
+    assert [(shape, mb) for shape, mb, _, _ in mem] == [((2, 16, 8), 2 * 16 * 8 * 4 / 2**20), ((16, 8), 16 * 8 * 4 / 2**20)]
+    benchmark_cpu_gemm.main(["--d", "8", "--ffn", "16", "--experts", "2", "--reps", "1"])
+    out = capsys.readouterr().out
+    assert out.count("| 8 -> 16 |") == 5 and out.count("| 16 -> 8 |") == 5 and "| [2, 16, 8] |" in out

@@ -24,7 +24,7 @@ def data(dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
     R, k, m = sum(COUNTS), 8, 4  # torch._grouped_mm wants 16-byte strides
     mk = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
-    return mk(R, k), mk(len(COUNTS), k, m), mk(len(COUNTS), m), mk(R, m)
+    return mk(R, k), mk(len(COUNTS), m, k), mk(len(COUNTS), m), mk(R, m)  # weights [out, in]
 
 
 def per_expert(fn):
@@ -49,10 +49,10 @@ def test_grouped_functions_equal_per_expert_gemms(backend):
         fresh = [True, True, True, False]
         grouped_weight_grad(x, gy, CHUNKS, gw, gb, fresh, counts_V=counts_V)
     assert fresh == [False] * 4
-    torch.testing.assert_close(y, torch.cat(per_expert(lambda e, r: x[r] @ w[e] + b[e])))
-    torch.testing.assert_close(y_nobias, torch.cat(per_expert(lambda e, r: x[r] @ w[e])))
-    torch.testing.assert_close(gx, torch.cat(per_expert(lambda e, r: gy[r] @ w[e].t())))
-    want_w = torch.stack(per_expert(lambda e, r: x[r].t() @ gy[r]))
+    torch.testing.assert_close(y, torch.cat(per_expert(lambda e, r: x[r] @ w[e].t() + b[e])))
+    torch.testing.assert_close(y_nobias, torch.cat(per_expert(lambda e, r: x[r] @ w[e].t())))
+    torch.testing.assert_close(gx, torch.cat(per_expert(lambda e, r: gy[r] @ w[e])))
+    want_w = torch.stack(per_expert(lambda e, r: gy[r].t() @ x[r]))
     want_b = torch.stack(per_expert(lambda e, r: gy[r].sum(0)))
     want_w[3] += 1.0
     want_b[3] += 1.0
@@ -76,14 +76,15 @@ def test_several_chunks_per_expert_accumulate():
     x, w, b, gy = data()
     chunks = [(0, 2), (1, 3), (0, 1), (1, 3)]  # 9 rows
     y = grouped_linear(x, w, chunks, b)
-    want = torch.cat([x[0:2] @ w[0] + b[0], x[2:5] @ w[1] + b[1], x[5:6] @ w[0] + b[0], x[6:9] @ w[1] + b[1]])
+    want = torch.cat([x[0:2] @ w[0].t() + b[0], x[2:5] @ w[1].t() + b[1], x[5:6] @ w[0].t() + b[0],
+                      x[6:9] @ w[1].t() + b[1]])
     torch.testing.assert_close(y, want)
     gw, gb = torch.zeros_like(w), torch.zeros_like(b)
     fresh = [True] * 4
     grouped_weight_grad(x, gy, chunks, gw, gb, fresh)
     rows0, rows1 = [0, 1, 5], [2, 3, 4, 6, 7, 8]
-    torch.testing.assert_close(gw[0], x[rows0].t() @ gy[rows0])
-    torch.testing.assert_close(gw[1], x[rows1].t() @ gy[rows1])
+    torch.testing.assert_close(gw[0], gy[rows0].t() @ x[rows0])
+    torch.testing.assert_close(gw[1], gy[rows1].t() @ x[rows1])
     torch.testing.assert_close(gb[1], gy[rows1].sum(0))
     assert fresh == [False, False, True, True]  # experts 2, 3 were not in the pass
 

@@ -24,8 +24,8 @@ from .routing import SlotLayout
 
 
 # The stored layout of the expert weights. 2: nn.Linear's [out, in] (w1 [E, d_ff, d], w2 [E, d,
-# d_ff]), the layout of the official code's experts and the fast one for the forward on CPU (MKL's
-# small-batch GEMM with a [k, m] row-major weight is up to 2x slower; scripts/benchmark_layer.py).
+# d_ff]), the official code's, and the fast one for the forward on CPU: MKL's GEMM over an expert's
+# few rows is up to 2x slower with an [in, out] row-major weight (scripts/benchmark_cpu_gemm.py).
 # Before it: [in, out], in checkpoints with no ``weight_layout`` key (see upgrade_weight_layout).
 WEIGHT_LAYOUT = 2
 _WEIGHT = re.compile(r"w[12](_\d+)?")
