@@ -91,9 +91,10 @@ def fairseq_generate(setup, kind, src, tgt):
               "--gen-subset", "test", "--beam", BEAM, "--max-tokens", 4096, "--seed", 1,
               "--bpe", "sentencepiece", "--sentencepiece-model", data / "spm.model",
               "--num-workers", 0, "--cpu")
-    hyps = {int(m.group(1)): m.group(2) for m in re.finditer(r"^D-(\d+)\t[^\t]*\t(.*)$", out, re.M)}
+    lines = re.findall(r"^D-(\d+)\t([^\t]*)\t(.*)$", out, re.M)
+    hyps = {int(i): text for i, _, text in lines}
     (bleu4,) = re.findall(r"^Generate test with beam=\d+: (BLEU4 = .*)$", out, re.M)
-    return hyps, bleu4
+    return hyps, bleu4, [float(score) for _, score, _ in lines]
 
 
 def raw(setup, src, tgt, lang):
@@ -104,12 +105,14 @@ def raw(setup, src, tgt, lang):
 def test_decoding_equals_fairseq_generate(setup, kind, src, tgt):
     """Same hypotheses and the same BLEU4 (the paper's spm_bleu: SentencePiece ids, language
     tag included) as fairseq-generate run with the training task's flags."""
-    expected, bleu4 = fairseq_generate(setup, kind, src, tgt)
+    expected, bleu4, scores = fairseq_generate(setup, kind, src, tgt)
     got = decoded(setup, kind, src, tgt)
     assert len(expected) == 45 and got.hyps == expected
     assert got.bleu4 == bleu4
     assert got.spm_bleu == float(re.match(r"BLEU4 = ([\d.]+),", bleu4).group(1))
-    assert len(set(expected.values())) > 1  # the model does look at its input
+    # the model does look at its input: hypothesis scores differ between sentences (a model this
+    # small may still print one hypothesis for many of them after 120 updates)
+    assert len(set(scores)) > 10
 
 
 @torch.no_grad()

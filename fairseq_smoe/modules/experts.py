@@ -107,19 +107,24 @@ class StackedExperts(nn.Module):
                 for g in range(len(self.groups))]
 
     def reset_parameters(self):
+        """Uniform in +-1/sqrt(fan_in); each weight drawn as the earlier ``[in, out]`` layout's
+        tensor and stored transposed, so a seed gives the same experts as before the layout
+        change (and with expert parallelism, one expert at a time: the stream of a full draw)."""
         lo, hi = self.local_range
         for (_, _, f), (w1, b1, w2, b2) in zip(self.groups, self.group_params()):
             for w, b, fan_in in ((w1, b1, self.embed_dim), (w2, b2, f)):
                 bound = 1.0 / math.sqrt(fan_in)
-                for p in (w, b):
-                    if self.ep is None:
-                        nn.init.uniform_(p, -bound, bound)
-                        continue
-                    with torch.no_grad():  # one expert at a time: the stream of a full [E, ...] draw
+                for p, drawn in ((w, (w.size(2), w.size(1))), (b, tuple(b.shape[1:]))):
+                    def stored(t):
+                        return t.transpose(-2, -1) if p is w else t
+                    with torch.no_grad():
+                        if self.ep is None:
+                            p.copy_(stored(torch.empty(p.size(0), *drawn, dtype=p.dtype).uniform_(-bound, bound)))
+                            continue
                         for e in range(self.num_experts):
-                            t = torch.empty(p.shape[1:], dtype=p.dtype).uniform_(-bound, bound)
+                            t = torch.empty(drawn, dtype=p.dtype).uniform_(-bound, bound)
                             if lo <= e < hi:
-                                p[e - lo].copy_(t)
+                                p[e - lo].copy_(stored(t))
 
     def forward(self, x_VCd: Tensor, first: int = 0) -> Tensor:
         """Run experts ``first .. E-1`` on their buffers: ``[V, C, d] -> [V, C, d]`` (all experts
