@@ -545,17 +545,20 @@ def localize(state: dict, plan: Plan, path: str) -> dict:
     return state
 
 
-_OLD_WEIGHT = re.compile(r"(?:^|\.)experts\.w[12](?:_\d+)?$")
-
-
 def upgrade_expert_layout(state: dict, path: str) -> None:
     """The optimizer state of a checkpoint saved before the expert weights took nn.Linear's
     ``[out, in]`` layout (``modules/experts.py``: its model has expert weights and no
     ``weight_layout`` key), transposed as the model's load transposes the weights themselves:
     the state tensors of each expert weight (Adam's moments), or their segments of fairseq's
     flat fp32 buffer (``--fp16`` / ``--bf16`` with flattened gradients). In place."""
+    from .modules.experts import LAYOUT_KEY, is_expert_weight
+
     model = state.get("model") or {}
-    old = [k for k in model if _OLD_WEIGHT.search(k) and k[:k.rindex(".") + 1] + "weight_layout" not in model]
+    old = []
+    for k in model:
+        module, _, name = k.rpartition(".")
+        if module.split(".")[-1] == "experts" and is_expert_weight(name) and f"{module}.{LAYOUT_KEY}" not in model:
+            old.append(k)
     osd = state.get("last_optimizer_state")
     if not old or not osd or not osd.get("state"):
         return

@@ -28,19 +28,25 @@ from .routing import SlotLayout
 # few rows is up to 2x slower with an [in, out] row-major weight (scripts/benchmark_cpu_gemm.py).
 # Before it: [in, out], in checkpoints with no ``weight_layout`` key (see upgrade_weight_layout).
 WEIGHT_LAYOUT = 2
+LAYOUT_KEY = "weight_layout"  # the buffer marking it in state dicts
 _WEIGHT = re.compile(r"w[12](_\d+)?")
+
+
+def is_expert_weight(name: str) -> bool:
+    """``name`` (a StackedExperts parameter's own name) is one of its weights: w1, w2, w1_0, ..."""
+    return _WEIGHT.fullmatch(name) is not None
 
 
 def upgrade_weight_layout(state_dict: dict, prefix: str = "") -> bool:
     """The expert weights of ``StackedExperts`` at ``prefix`` in ``state_dict``, saved before
     ``WEIGHT_LAYOUT`` 2 (``[in, out]``: there is no ``prefix + "weight_layout"`` key), transposed to
     ours in place, and the key added. True if it upgraded anything."""
-    if prefix + "weight_layout" in state_dict or prefix + "w1" not in state_dict and prefix + "w1_0" not in state_dict:
+    if prefix + LAYOUT_KEY in state_dict or prefix + "w1" not in state_dict and prefix + "w1_0" not in state_dict:
         return False
     for key in list(state_dict):
-        if key.startswith(prefix) and _WEIGHT.fullmatch(key[len(prefix):]):
+        if key.startswith(prefix) and is_expert_weight(key[len(prefix):]):
             state_dict[key] = state_dict[key].transpose(1, 2).contiguous()
-    state_dict[prefix + "weight_layout"] = torch.tensor(WEIGHT_LAYOUT)
+    state_dict[prefix + LAYOUT_KEY] = torch.tensor(WEIGHT_LAYOUT)
     return True
 
 
@@ -95,7 +101,7 @@ class StackedExperts(nn.Module):
                 p.expert = True  # fairseq's legacy_ddp skips these; see expert_parallel.py
                 p.expert_shard = (*self.local_range, num_experts)
         self.activation_dropout = activation_dropout
-        self.register_buffer("weight_layout", torch.tensor(WEIGHT_LAYOUT))
+        self.register_buffer(LAYOUT_KEY, torch.tensor(WEIGHT_LAYOUT))
         self.register_load_state_dict_pre_hook(_upgrade_on_load)
         self.reset_parameters()
 
@@ -115,16 +121,15 @@ class StackedExperts(nn.Module):
             for w, b, fan_in in ((w1, b1, self.embed_dim), (w2, b2, f)):
                 bound = 1.0 / math.sqrt(fan_in)
                 for p, drawn in ((w, (w.size(2), w.size(1))), (b, tuple(b.shape[1:]))):
-                    def stored(t):
-                        return t.transpose(-2, -1) if p is w else t
                     with torch.no_grad():
                         if self.ep is None:
-                            p.copy_(stored(torch.empty(p.size(0), *drawn, dtype=p.dtype).uniform_(-bound, bound)))
+                            t = torch.empty(p.size(0), *drawn, dtype=p.dtype).uniform_(-bound, bound)
+                            p.copy_(t.transpose(-2, -1) if p is w else t)
                             continue
                         for e in range(self.num_experts):
                             t = torch.empty(drawn, dtype=p.dtype).uniform_(-bound, bound)
                             if lo <= e < hi:
-                                p[e - lo].copy_(stored(t))
+                                p[e - lo].copy_(t.transpose(-2, -1) if p is w else t)
 
     def forward(self, x_VCd: Tensor, first: int = 0) -> Tensor:
         """Run experts ``first .. E-1`` on their buffers: ``[V, C, d] -> [V, C, d]`` (all experts
