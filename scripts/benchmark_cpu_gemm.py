@@ -8,8 +8,9 @@
    ``[out, in]`` (``[ffn, d]``, used transposed: nn.Linear's and ours), for the expert rows of a
    pass at several sizes, both directions of the FFN (d -> ffn, ffn -> d).
 2. **Fresh vs reused gradient memory.** Allocating and zeroing a tensor the size of one stacked
-   expert-weight gradient ``[E, ffn, d]`` (what every training step does: fairseq frees gradients
-   between steps) against zeroing one that already exists, and the same for one expert's ``[ffn, d]``.
+   expert-weight gradient ``[E, ffn, d]`` (what every training step would do, fairseq freeing the
+   gradients between steps, without ``fairseq_smoe/modules/grad_reuse.py``) against zeroing one that
+   already exists (what the reuse does), and the same for one expert's ``[ffn, d]``.
 
 Times are the minimum over repetitions, the variants interleaved; ratios are from this run only.
 """

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .expert_parallel import ExpertParallel, received_chunks, split_sizes
+from .grad_reuse import GradBuffers
 from .grouped import grouped_linear, grouped_linear_t, grouped_weight_grad, per_expert
 from .precision import autocast_off
 from .routing import SlotLayout
@@ -103,6 +104,7 @@ class StackedExperts(nn.Module):
         self.activation_dropout = activation_dropout
         self.register_buffer(LAYOUT_KEY, torch.tensor(WEIGHT_LAYOUT))
         self.register_load_state_dict_pre_hook(_upgrade_on_load)
+        self.grad_buffers = GradBuffers()  # CPU: the weight gradients' memory, reused (grad_reuse.py)
         self.reset_parameters()
 
     def group_params(self) -> List[Tuple[Tensor, Tensor, Tensor, Tensor]]:
@@ -147,7 +149,7 @@ class StackedExperts(nn.Module):
             params = [p.to(dtype) for p in params]
         if not torch.is_grad_enabled():  # no backward: no gradient bookkeeping either
             return PassWeights(None, params, self.groups, ep=self.ep)
-        grads = ExpertGrads(self.ep)
+        grads = ExpertGrads(self.ep, self.grad_buffers)
         return PassWeights(grads, list(_WeightsEntry.apply(grads, *params)), self.groups, ep=self.ep)
 
     def mix(self, res_nd: Tensor, u_nd: Tensor, g_Kn: Tensor, weights: "PassWeights",
@@ -194,11 +196,14 @@ class ExpertGrads:
     first time) or adds (later) its experts' gradients in place, with the GEMM itself
     (``grouped.grouped_weight_grad``), and ``_WeightsEntry``, whose outputs every pass consumes
     and whose backward therefore runs after all of theirs, hands the totals to autograd (with
-    expert parallelism, after ``ExpertParallel.finish_expert_grads``).
+    expert parallelism, after ``ExpertParallel.finish_expert_grads``). The totals' memory comes
+    from ``buffers`` (on CPU the previous backward's, when nothing holds it any more:
+    ``grad_reuse.py``); every element is written, so it may hold anything before.
     """
 
-    def __init__(self, ep: Optional[ExpertParallel] = None):
+    def __init__(self, ep: Optional[ExpertParallel] = None, buffers: Optional[GradBuffers] = None):
         self.ep = ep
+        self.buffers = buffers if buffers is not None else GradBuffers()
         self.tensors = None  # one gradient per parameter of PassWeights.params
         self.fresh: List[List[bool]] = []  # per group, per expert: no gradient written yet
 
@@ -206,7 +211,7 @@ class ExpertGrads:
         """The gradients of one pass in width group ``g``, whose chunks index its experts from
         ``first``; ``like``: the parameters the gradients are for."""
         if self.tensors is None:
-            self.tensors = [torch.empty_like(p) for p in like]
+            self.tensors = self.buffers.like(like)
             self.fresh = [[True] * like[4 * i].size(0) for i in range(len(like) // 4)]
         gw1, gb1, gw2, gb2 = (t[first:] for t in self.tensors[4 * g:4 * g + 4])
         fresh = self.fresh[g][first:]
