@@ -59,6 +59,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint_io import CheckpointError, atomic_write
+from .modules.experts import LAYOUT_KEY, is_expert_weight
 
 logger = logging.getLogger(__name__)
 
@@ -551,8 +552,6 @@ def upgrade_expert_layout(state: dict, path: str) -> None:
     ``weight_layout`` key), transposed as the model's load transposes the weights themselves:
     the state tensors of each expert weight (Adam's moments), or their segments of fairseq's
     flat fp32 buffer (``--fp16`` / ``--bf16`` with flattened gradients). In place."""
-    from .modules.experts import LAYOUT_KEY, is_expert_weight
-
     model = state.get("model") or {}
     old = []
     for k in model:

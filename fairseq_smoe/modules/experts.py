@@ -201,9 +201,8 @@ class ExpertGrads:
     ``grad_reuse.py``); every element is written, so it may hold anything before.
     """
 
-    def __init__(self, ep: Optional[ExpertParallel] = None, buffers: Optional[GradBuffers] = None):
-        self.ep = ep
-        self.buffers = buffers if buffers is not None else GradBuffers()
+    def __init__(self, ep: Optional[ExpertParallel], buffers: GradBuffers):
+        self.ep, self.buffers = ep, buffers
         self.tensors = None  # one gradient per parameter of PassWeights.params
         self.fresh: List[List[bool]] = []  # per group, per expert: no gradient written yet
 
