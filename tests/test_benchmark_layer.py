@@ -169,6 +169,12 @@ def test_cpu_gemm_benchmark_times_the_same_product_in_both_layouts(capsys):
     assert all(a > 0 and b > 0 for _, _, a, b in rows)
     mem = benchmark_cpu_gemm.memory_rows(8, 16, 2, reps=1)
     assert [(shape, mb) for shape, mb, _, _ in mem] == [((2, 16, 8), 2 * 16 * 8 * 4 / 2**20), ((16, 8), 16 * 8 * 4 / 2**20)]
-    benchmark_cpu_gemm.main(["--d", "8", "--ffn", "16", "--experts", "2", "--reps", "1"])
+    onednn = benchmark_cpu_gemm.has_onednn_linear()  # torch's CPU wheel has it
+    if onednn:  # (the product itself is checked inside)
+        packed = benchmark_cpu_gemm.prepacked_rows(8, 16, reps=1, rows=(3,))
+        assert [(name, r) for name, r, _, _ in packed] == [("8 -> 16", 3), ("16 -> 8", 3)]
+    benchmark_cpu_gemm.main(["--d", "8", "--ffn", "16", "--experts", "2", "--reps", "1", "--rows", "3,5"])
     out = capsys.readouterr().out
-    assert out.count("| 8 -> 16 |") == 5 and out.count("| 16 -> 8 |") == 5 and "| [2, 16, 8] |" in out
+    n = 7 if onednn else 5  # 5 layout rows per direction, then 2 repacking rows
+    assert out.count("| 8 -> 16 |") == n and out.count("| 16 -> 8 |") == n and "| [2, 16, 8] |" in out
+    assert not onednn or "| 8 -> 16 | 5 |" in out.split("prepacked (oneDNN) ms")[1]
