@@ -12,7 +12,7 @@ random router; ``zipf``: every router's logits offset by -2 log(rank), so the bu
 gets several times its share; ``two``: every token's top-2 are its router's first two
 experts) and phase (``train``: capacity applies, modes ``fwd``: forward with autograd off and
 ``fwd_bwd``: forward + backward of the output and the balance loss; ``eval``: no capacity,
-``fwd``), with dropout 0 and the deterministic ``all`` second-expert policy, it times three
+``fwd``), with dropout 0 and the deterministic ``all`` second-expert policy, it times these
 variants on the same input and the same routing decisions:
 
 * ``ours``: ``SMoEBlock`` (fairseq_smoe/modules/smoe_block.py);
@@ -25,6 +25,11 @@ variants on the same input and the same routing decisions:
   must compute, routing excluded. At small batches it is well above ``floor``, because every
   expert's weights are read for few rows (``floor`` reads one FFN's); ``ours/experts`` is then
   the cost of routing, dispatch and combine;
+* ``passes``: the same rows split by strata pass, each pass running each of its experts over the
+  rows it computed at that pass (the expert modules of ``experts``, so an expert reached at two
+  passes runs twice with the same weights): what SMoE itself must compute, as a token's later
+  pass needs its earlier one's output, routing excluded. ``passes/experts`` is what running the
+  strata one after the other costs, ``ours/passes`` what routing, dispatch and combine add;
 * ``onehot``: the same stratified block with the classic GShard dispatch of fairseq's MoE
   branch: per pass, a one-hot combine tensor of shape (tokens, experts, capacity) built from
   the gate weights (so the gate gradient flows through it), einsum dispatch and combine.
@@ -69,7 +74,8 @@ CONFIGS = {  # name: (embed dim, FFN dim, strata[, FFN width per stratum])
     "m4-4-4-w1024-3072": (512, 2048, (4, 4), (1024, 3072)),
 }
 MODES = ("fwd", "fwd_bwd")
-VARIANTS = ("ours", "floor", "experts", "onehot")
+VARIANTS = ("ours", "floor", "experts", "passes", "onehot")
+FLOORS = ("floor", "experts", "passes")  # timed only: no peak memory, no routing
 
 
 # ----------------------------------------------------------------------------- one-hot baseline
@@ -289,6 +295,14 @@ class Case:
                 ffn_e = nn.Sequential(nn.Linear(d, f), nn.ReLU(inplace=True), nn.Linear(f, d)).to(device).train()
                 self.experts.append((ffn_e, rows))
         total = sum(rows for _, rows in self.experts)
+        # per pass, the experts that computed rows there (global ids) and their rows; an expert
+        # idle at every pass still runs once over no rows (its gradient is written, as ours')
+        E = len(self.experts)
+        self.pass_chunks = []
+        for tr in st.trace:
+            counts = torch.bincount(tr.experts_Kn[tr.kept_Kn], minlength=E).tolist()
+            self.pass_chunks += [(e, r) for e, r in enumerate(counts) if r > 0]
+        self.pass_chunks += [(e, 0) for e, (_, rows) in enumerate(self.experts) if rows == 0]
         self.x_experts = torch.randn(total, d, generator=g).to(device)
         self.gy_experts = torch.randn(total, d, generator=g).to(device)
         self.floor = []
@@ -300,7 +314,7 @@ class Case:
     def _params(self, variant):
         if variant == "floor":
             return [p for ffn_f, _, _ in self.floor for p in ffn_f.parameters()]
-        if variant == "experts":
+        if variant in ("experts", "passes"):
             return [p for ffn_e, _ in self.experts for p in ffn_e.parameters()]
         return self.block.parameters()
 
@@ -316,10 +330,12 @@ class Case:
                     x = xf.detach().requires_grad_()
                     ffn_f(x).backward(gyf)
             return None
-        if variant == "experts":
+        if variant in ("experts", "passes"):
+            chunks = ([(ffn_e, r) for ffn_e, r in self.experts] if variant == "experts"
+                      else [(self.experts[e][0], r) for e, r in self.pass_chunks])
             x = self.x_experts.detach().requires_grad_(mode != "fwd")
             with torch.set_grad_enabled(mode != "fwd"):
-                ys = [ffn_e(xe) for (ffn_e, _), xe in zip(self.experts, x.split([r for _, r in self.experts]))]
+                ys = [ffn_e(xe) for (ffn_e, _), xe in zip(chunks, x.split([r for _, r in chunks]))]
                 if mode != "fwd":
                     torch.cat(ys).backward(self.gy_experts)
             return None
@@ -361,14 +377,14 @@ def run(names, tokens, reps, warmup, device, log=print, skews=("balanced",), pha
 
 
 def time_case(case, mode, reps, warmup, device, log):
-    variants = VARIANTS if case.has_onehot else ("ours", "floor", "experts")
+    variants = VARIANTS if case.has_onehot else VARIANTS[:-1]
     times = {v: [] for v in variants}
     peaks = {}
     for i in range(warmup + reps):
         k = i % len(variants)
         order = variants[k:] + variants[:k]  # rotate, so noise hits all alike
         for v in order:
-            if i == 0 and v not in ("floor", "experts"):
+            if i == 0 and v not in FLOORS:
                 peaks[v] = peak_mb(lambda: case.call(v, mode), device)
                 continue
             sync(device)
@@ -386,6 +402,10 @@ def time_case(case, mode, reps, warmup, device, log):
         "experts_ms": round(ms["experts"], 2),
         "ours_over_floor": round(ms["ours"] / ms["floor"], 3),
         "ours_over_experts": round(ms["ours"] / ms["experts"], 3),
+        "passes_ms": round(ms["passes"], 2),
+        "ours_over_passes": round(ms["ours"] / ms["passes"], 3),
+        "passes_over_experts": round(ms["passes"] / ms["experts"], 3),
+        "expert_runs": len(case.pass_chunks),
         "onehot_over_ours": round(ms["onehot"] / ms["ours"], 3) if onehot else None,
         "ours_peak_mb": round(peaks["ours"], 1), "onehot_peak_mb": round(peaks["onehot"], 1) if onehot else None,
         "tokens": case.x.shape[0] * case.x.shape[1], "rows": case.rows,
@@ -394,6 +414,7 @@ def time_case(case, mode, reps, warmup, device, log):
     }
     log(f"  {mode:8s} ours {r['ours_ms']:9.1f} ms  floor {r['floor_ms']:9.1f} ms  "
         f"experts {r['experts_ms']:9.1f} ms  ours/experts {r['ours_over_experts']:.2f}  "
+        f"passes {r['passes_ms']:9.1f} ms  ours/passes {r['ours_over_passes']:.2f}  "
         f"onehot {_fmt(r['onehot_ms'], '9.1f')} ms  ours/floor {r['ours_over_floor']:.2f}  "
         f"onehot/ours {_fmt(r['onehot_over_ours'], '.2f')}  peak MB ours {r['ours_peak_mb']:.0f} "
         f"onehot {_fmt(r['onehot_peak_mb'], '.0f')}")
@@ -405,15 +426,17 @@ def _fmt(v, spec):
 
 
 def table(results) -> str:
-    head = ("| config | phase | skew | mode | ours ms | floor ms | experts ms | one-hot ms | ours/floor | "
-            "ours/experts | one-hot/ours | per row vs balanced | ours peak MB | one-hot peak MB |")
-    lines = [head, "|" + "---|" * 14]
+    head = ("| config | phase | skew | mode | ours ms | floor ms | experts ms | passes ms | one-hot ms | "
+            "ours/floor | ours/experts | ours/passes | one-hot/ours | per row vs balanced | ours peak MB | "
+            "one-hot peak MB |")
+    lines = [head, "|" + "---|" * 16]
     for r in results:
         rel = r.get("per_row_over_balanced")
         lines.append(
             f"| {r['config']} | {r['phase']} | {r['skew']} | {r['mode']} | {r['ours_ms']:.1f} | "
-            f"{r['floor_ms']:.1f} | {r['experts_ms']:.1f} | {_fmt(r['onehot_ms'], '.1f')} | "
-            f"{r['ours_over_floor']:.2f} | {r['ours_over_experts']:.2f} | "
+            f"{r['floor_ms']:.1f} | {r['experts_ms']:.1f} | {r['passes_ms']:.1f} | "
+            f"{_fmt(r['onehot_ms'], '.1f')} | {r['ours_over_floor']:.2f} | {r['ours_over_experts']:.2f} | "
+            f"{r['ours_over_passes']:.2f} | "
             f"{_fmt(r['onehot_over_ours'], '.2f')} | {'' if rel is None else f'{rel:.2f}'} | "
             f"{r['ours_peak_mb']:.0f} | {_fmt(r['onehot_peak_mb'], '.0f')} |"
         )

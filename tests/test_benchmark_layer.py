@@ -22,7 +22,8 @@ import benchmark_layer  # noqa: E402
 D, FFN = 8, 16
 KEYS = {"config", "mode", "phase", "skew", "ours_ms", "floor_ms", "onehot_ms", "ours_over_floor",
         "onehot_over_ours", "ours_peak_mb", "onehot_peak_mb", "rows", "imbalance", "per_row_over_balanced",
-        "experts_ms", "ours_over_experts"}
+        "experts_ms", "ours_over_experts", "passes_ms", "ours_over_passes", "passes_over_experts",
+        "expert_runs"}
 
 
 def _run(block, fn, x, gy, pad):
@@ -100,6 +101,7 @@ def test_quick_json_emits_the_keys():
         assert r["ours_peak_mb"] > 0 and r["onehot_peak_mb"] > 0
         assert r["experts_ms"] > 0
         assert r["ours_over_experts"] == pytest.approx(r["ours_ms"] / r["experts_ms"], rel=1e-2)
+        assert r["ours_over_passes"] == pytest.approx(r["ours_ms"] / r["passes_ms"], rel=1e-2)
 
 
 def test_config_names():
@@ -137,6 +139,29 @@ def test_experts_variant_runs_each_expert_over_its_own_rows():
     idle = [ffn for ffn, rows in case.experts if rows == 0]
     assert all(f[0].weight.grad is not None and f[0].weight.grad.abs().sum() > 0 for f in busy)
     assert all(f[0].weight.grad is None or f[0].weight.grad.abs().sum() == 0 for f in idle)
+
+
+@pytest.mark.parametrize("skew", ["balanced", "two"])
+def test_passes_variant_runs_each_pass_experts_over_that_pass_rows(skew):
+    """The 'passes' variant: per strata pass, each expert that computed rows there, over exactly
+    those rows (balanced: second-stratum experts run at both passes); its rows sum to the
+    experts' rows, and an expert idle at every pass still runs once ('two': its zero gradient)."""
+    case = benchmark_layer.Case("m4-4-4", 256, torch.device("cpu"), skew=skew, phase="train")
+    _, st = case.block(case.x, trace=True)
+    assert len(st.trace) == 2
+    per_pass = [torch.bincount(tr.experts_Kn[tr.kept_Kn], minlength=8).tolist() for tr in st.trace]
+    busy = [(e, r) for counts in per_pass for e, r in enumerate(counts) if r > 0]
+    idle = [(e, 0) for e in range(8) if per_pass[0][e] + per_pass[1][e] == 0]
+    assert case.pass_chunks == busy + idle
+    assert sum(r for _, r in case.pass_chunks) == case.rows == case.x_experts.size(0)
+    reached_twice = [e for e in range(4, 8) if per_pass[0][e] > 0 and per_pass[1][e] > 0]
+    assert (len(reached_twice) == 4, len(idle) == 4) == ((True, False) if skew == "balanced" else (False, True))
+    for e in range(8):
+        assert sum(r for g, r in case.pass_chunks if g == e) == st.expert_rows[e]
+    case.call("passes", "fwd_bwd")
+    for e, (ffn, rows) in enumerate(case.experts):
+        g = ffn[0].weight.grad
+        assert g is not None and bool(g.abs().sum() > 0) == (rows > 0)
 
 
 @pytest.mark.parametrize("skew,lo,hi", [("balanced", 1.0, 1.6), ("zipf", 2.0, 4.5), ("two", 4.0, 4.0)])
