@@ -22,6 +22,7 @@ from .grad_reuse import GradBuffers
 from .grouped import grouped_linear, grouped_linear_t, grouped_weight_grad, per_expert
 from .precision import autocast_off
 from .routing import SlotLayout
+from .scratch import scratch
 
 
 # The stored layout of the expert weights. 2: nn.Linear's [out, in] (w1 [E, d_ff, d], w2 [E, d,
@@ -270,6 +271,20 @@ class _Part:
     b: int
 
 
+def _new(like: Tensor, shape) -> Tensor:
+    """An uninitialised tensor like ``like`` (dtype, device), from scratch memory where that pays."""
+    out = scratch(shape, like)
+    return like.new_empty(shape) if out is None else out
+
+
+def _gather(x_nd: Tensor, idx: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x_nd[idx]`` in ``dtype`` (into scratch memory where that pays)."""
+    out = scratch((idx.numel(), x_nd.size(1)), x_nd) if x_nd.dtype == dtype else None
+    if out is None:
+        return x_nd.index_select(0, idx).to(dtype)
+    return torch.index_select(x_nd, 0, idx, out=out)
+
+
 def _pass_parts(weights: PassWeights, slots: SlotLayout):
     """(the pass's parts, exchange plan or None) on this rank: on one process the visible
     experts of each width group (their rows are consecutive: rows are sorted by expert); with
@@ -301,16 +316,17 @@ def _rows_forward(buf_Rd, weights: PassWeights, slots: SlotLayout, p_act: float)
     input rows and each part's hidden rows)."""
     parts, xchg = _pass_parts(weights, slots)
     x = buf_Rd if xchg is None else weights.ep.exchange(buf_Rd, *xchg)
-    y = x.new_empty(x.size(0), x.size(1)) if len(parts) != 1 else None
+    y = _new(x, (x.size(0), x.size(1))) if len(parts) != 1 else None
     hs = []
     for part in parts:
         w1, b1, w2, b2 = (w[part.first:] for w in weights.group(part.group))
         counts_V = part.chunks.counts_V
-        h = grouped_linear(x[part.a:part.b], w1, part.chunks, b1, counts_V).relu_()
+        h = grouped_linear(x[part.a:part.b], w1, part.chunks, b1, counts_V,
+                           out=scratch((part.b - part.a, w1.size(1)), x)).relu_()
         if p_act > 0:
             h = F.dropout(h, p=p_act, training=True, inplace=True)
         if y is None:  # one part covers every row
-            y = grouped_linear(h, w2, part.chunks, b2, counts_V)
+            y = grouped_linear(h, w2, part.chunks, b2, counts_V, out=scratch((h.size(0), w2.size(1)), h))
         else:
             grouped_linear(h, w2, part.chunks, b2, counts_V, out=y[part.a:part.b])
         hs.append(h)
@@ -327,12 +343,13 @@ def _rows_backward(grad_y_Rd, saved, weights: PassWeights, slots: SlotLayout, p_
     parts, xchg = _pass_parts(weights, slots)
     if xchg is not None:
         grad_y_Rd = weights.ep.exchange(grad_y_Rd, *xchg)
-    grad_x = grad_y_Rd.new_empty(x.shape) if len(parts) != 1 else None
+    grad_x = _new(grad_y_Rd, x.shape) if len(parts) != 1 else None
     for part, h in zip(parts, hs):
         w1, _, w2, _ = (w[part.first:] for w in weights.group(part.group))
         counts_V = part.chunks.counts_V
         grad_y = grad_y_Rd[part.a:part.b]
-        grad_h = grouped_linear_t(grad_y, w2, part.chunks, counts_V)
+        grad_h = grouped_linear_t(grad_y, w2, part.chunks, counts_V,
+                                  out=scratch((grad_y.size(0), w2.size(2)), grad_y))
         # ReLU (and activation dropout) backward in place: h > 0 exactly where both passed
         torch.ops.aten.threshold_backward.grad_input(grad_h, h, 0, grad_input=grad_h)
         if p_act > 0:
@@ -340,7 +357,8 @@ def _rows_backward(grad_y_Rd, saved, weights: PassWeights, slots: SlotLayout, p_
         if grads is not None:  # into ExpertGrads, handed over by _WeightsEntry
             grads.add(part.group, part.first, part.chunks, x[part.a:part.b], h, grad_h, grad_y, weights.params)
         if grad_x is None:
-            grad_x = grouped_linear_t(grad_h, w1, part.chunks, counts_V)
+            grad_x = grouped_linear_t(grad_h, w1, part.chunks, counts_V,
+                                      out=scratch((grad_h.size(0), w1.size(2)), grad_h))
         else:
             grouped_linear_t(grad_h, w1, part.chunks, counts_V, out=grad_x[part.a:part.b])
     if grad_x is None:  # no part at all: this rank's experts are not visible in this pass
@@ -357,13 +375,13 @@ def expert_mix(res_nd, u_nd, g_Kn, weights: PassWeights, slots: SlotLayout, p_ac
     # Autocast is off in here: the experts run in the weights' dtype (compute_dtype), the
     # combine in the residual's, and the backward casts at the same two places.
     with autocast_off(u_nd):
-        buf = u_nd.index_select(0, slots.src_R).to(weights.dtype)
+        buf = _gather(u_nd, slots.src_R, weights.dtype)
         y, saved = _rows_forward(buf, weights, slots, p_act)
         mask = None
         if p_out > 0:
             y, mask = torch.ops.aten.native_dropout(y, p_out, True)
         if y.size(0) > 0:
-            y_Ad = y.index_select(0, slots.slot_A).to(res_nd.dtype)
+            y_Ad = _gather(y, slots.slot_A, res_nd.dtype)
         else:  # no row computed here (every row padding: a rank serving only the others)
             y_Ad = res_nd.new_zeros(slots.slot_A.numel(), res_nd.size(1))
         g = g_Kn.to(res_nd.dtype).unsqueeze(2)
@@ -410,7 +428,7 @@ class _ExpertMix(torch.autograd.Function):
             grad_g = torch.linalg.vecdot(y_Ad.view(K, n, d), grad_out.unsqueeze(0)).to(g_Kn.dtype)
         # d out / d y at each expert row: its token's output gradient times its combine weight
         w_R = g_Kn.detach().reshape(-1).to(grad_out.dtype).index_select(0, slots.asg_R)
-        grad_y = grad_out.index_select(0, slots.src_R).mul_(w_R.unsqueeze(1)).to(params[0].dtype)
+        grad_y = _gather(grad_out, slots.src_R, grad_out.dtype).mul_(w_R.unsqueeze(1)).to(params[0].dtype)
         if mask is not None:
             grad_y = torch.ops.aten.native_dropout_backward(grad_y, mask, 1.0 / (1.0 - ctx.p_out))
         weights = PassWeights(ctx.weights.grads, list(params), ctx.weights.groups, ep=ctx.weights.ep)
@@ -418,5 +436,5 @@ class _ExpertMix(torch.autograd.Function):
         grad_buf = _rows_backward(grad_y, saved, weights, slots, ctx.p_act, grads)
         grad_u = None
         if ctx.needs_input_grad[1]:
-            grad_u = grad_buf.new_zeros(n, d).index_add_(0, slots.src_R, grad_buf).to(ctx.u_dtype)
+            grad_u = _new(grad_buf, (n, d)).zero_().index_add_(0, slots.src_R, grad_buf).to(ctx.u_dtype)
         return (grad_res, grad_u, grad_g, None, None, None, None) + (None,) * ctx.num_params

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
+CAN_COUNT = _use_count is not None  # else nothing is ever reused (here or in scratch.py)
 
 
 def holders(t: Tensor) -> int:
