@@ -14,6 +14,10 @@ import torch
 # weights_only=True, so allow exactly that class instead of turning the safe loader off.
 torch.serialization.add_safe_globals([argparse.Namespace])
 
+from . import errors  # noqa: E402  (one error line for user mistakes inside fairseq's mains)
+
+errors.install_excepthook()
+
 from . import checkpoint_io, hydra_guard  # noqa: E402,F401  (checked checkpoint reads, atomic saves; hydra refusal)
 from . import criterions, models, tasks  # noqa: E402,F401  (registrations)
 from .translator import SMoETranslator  # noqa: E402,F401  (the Python API)

@@ -39,10 +39,12 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .errors import UserError
+
 TOP = 25
 
 
-class AnalysisError(RuntimeError):
+class AnalysisError(UserError, RuntimeError):
     pass
 
 

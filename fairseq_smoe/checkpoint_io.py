@@ -43,8 +43,10 @@ import torch
 from fairseq import checkpoint_utils, trainer as fairseq_trainer, utils as fairseq_utils
 from fairseq.file_io import PathManager
 
+from .errors import UserError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file that cannot be used: the message names the file, the problem and the fix."""
 
     def __init__(self, path, problem, fix=None):

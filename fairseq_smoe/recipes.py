@@ -14,10 +14,12 @@ import shlex
 import sys
 from pathlib import Path
 
+from .errors import UserError
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     pass
 
 

@@ -40,9 +40,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import benchmarks
+from .errors import UserError
 
 
-class ReportError(RuntimeError):
+class ReportError(UserError, RuntimeError):
     pass
 
 

@@ -33,6 +33,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from .errors import UserError
+
 MULTILINGUAL_TASKS = ("smoe_translation", "translation_multi_simple_epoch")
 # training-task flags that name files; they are read again when a decoding task is built
 PATH_FLAGS = ("lang_dict", "fixed_dictionary", "source_dict", "target_dict")
@@ -41,7 +43,7 @@ REQUIRED_BATCH_SIZE_MULTIPLE = 8
 SEED = 1
 
 
-class TranslatorError(RuntimeError):
+class TranslatorError(UserError, RuntimeError):
     """A checkpoint, data directory or input that cannot be decoded; the message says why and
     what to do."""
 
