@@ -4,7 +4,7 @@
     python scripts/benchmark_layer.py [--device cpu|cuda] [--json] [--quick]
                                       [--tokens N] [--reps N] [--configs m4-4-4,...]
                                       [--threads N] [--skews balanced,zipf,two]
-                                      [--phases train,eval]
+                                      [--phases train,eval] [--dtypes fp32,bf16,fp16]
 
 For each configuration (M4 size: d 512, FFN 2048, 8 experts in strata 4-4 and 2-2-2-2; M15
 size: d 1024, FFN 4096, 16 experts in strata 4-12 and 4-4-4-4), routing skew (``balanced``: the
@@ -38,7 +38,11 @@ variants on the same input and the same routing decisions:
 config, phase and mode): 1.0 = skew costs nothing beyond the rows it adds. Timings are medians
 over repetitions after a warm-up; the variants are interleaved (in
 rotating order) so that machine noise hits them alike, and only ratios measured in the same
-run are reported. Peak memory is the peak of the bytes allocated during one call (forward, or
+run are reported. ``--dtypes`` repeats every case with the block, its input and the floor's
+modules cast to each dtype (a ``--fp16``-style model: the routers still compute in fp32; on
+CUDA bf16 on sm 9.x/10.x takes ``torch._grouped_mm``, see modules/grouped.py). On CUDA every
+timed call is bracketed by ``torch.cuda.synchronize``, so a time is the kernels' and not their
+launch. Peak memory is the peak of the bytes allocated during one call (forward, or
 forward + backward, whose weight gradients it includes), beyond what was allocated before
 it: on CUDA from the allocator's statistics, on CPU by tracking every tensor storage created
 during the call. The input is 32 sentences (batch-major slot priority) of tokens/32 tokens.
@@ -232,6 +236,7 @@ def sync(device):
 
 SKEWS = ("balanced", "zipf", "two")
 PHASES = ("train", "eval")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def skew_offsets(skew: str, V: int) -> Tensor:
@@ -260,20 +265,21 @@ class Case:
     """One configuration: the block (routing skewed as asked, training or evaluation mode), its
     input, the floor FFN and its rows."""
 
-    def __init__(self, name, tokens, device, seed=0, skew="balanced", phase="train"):
+    def __init__(self, name, tokens, device, seed=0, skew="balanced", phase="train", dtype="fp32"):
         d, ffn, strata, *widths = CONFIGS[name]
         torch.manual_seed(seed)
-        self.name, self.device, self.skew, self.phase = name, device, skew, phase
+        self.name, self.device, self.skew, self.phase, self.dtype = name, device, skew, phase, dtype
+        dt = DTYPES[dtype]
         cfg = SMoEConfig(embed_dim=d, ffn_dim=ffn, strata=strata, second_expert_policy="all",
                          strata_ffn=widths[0] if widths else None)
         self.has_onehot = not widths  # the one-hot baseline runs one FFN width only
-        self.block = SMoEBlock(cfg).to(device).train(phase == "train")
+        self.block = SMoEBlock(cfg).to(device, dt).train(phase == "train")
         skew_router(self.block, skew)
         B = math.gcd(tokens, 32)
         T = tokens // B
         g = torch.Generator().manual_seed(seed + 1)
-        self.x = torch.randn(T, B, d, generator=g).to(device)
-        self.gy = torch.randn(T, B, d, generator=g).to(device)
+        self.x = torch.randn(T, B, d, generator=g).to(device, dt)
+        self.gy = torch.randn(T, B, d, generator=g).to(device, dt)
         with torch.no_grad():
             _, st = self.block(self.x, trace=True)
         self.rows = st.assigned - st.dropped
@@ -292,7 +298,7 @@ class Case:
         self.experts = []
         for (first, n, f) in self.block.experts.groups:
             for rows in st.expert_rows[first:first + n]:
-                ffn_e = nn.Sequential(nn.Linear(d, f), nn.ReLU(inplace=True), nn.Linear(f, d)).to(device).train()
+                ffn_e = nn.Sequential(nn.Linear(d, f), nn.ReLU(inplace=True), nn.Linear(f, d)).to(device, dt).train()
                 self.experts.append((ffn_e, rows))
         total = sum(rows for _, rows in self.experts)
         # per pass, the experts that computed rows there (global ids) and their rows; an expert
@@ -303,13 +309,13 @@ class Case:
             counts = torch.bincount(tr.experts_Kn[tr.kept_Kn], minlength=E).tolist()
             self.pass_chunks += [(e, r) for e, r in enumerate(counts) if r > 0]
         self.pass_chunks += [(e, 0) for e, (_, rows) in enumerate(self.experts) if rows == 0]
-        self.x_experts = torch.randn(total, d, generator=g).to(device)
-        self.gy_experts = torch.randn(total, d, generator=g).to(device)
+        self.x_experts = torch.randn(total, d, generator=g).to(device, dt)
+        self.gy_experts = torch.randn(total, d, generator=g).to(device, dt)
         self.floor = []
         for f, rows in rows_of_width.items():
-            ffn_f = nn.Sequential(nn.Linear(d, f), nn.ReLU(inplace=True), nn.Linear(f, d)).to(device).train()
-            self.floor.append((ffn_f, torch.randn(rows, d, generator=g).to(device),
-                               torch.randn(rows, d, generator=g).to(device)))
+            ffn_f = nn.Sequential(nn.Linear(d, f), nn.ReLU(inplace=True), nn.Linear(f, d)).to(device, dt).train()
+            self.floor.append((ffn_f, torch.randn(rows, d, generator=g).to(device, dt),
+                               torch.randn(rows, d, generator=g).to(device, dt)))
 
     def _params(self, variant):
         if variant == "floor":
@@ -350,26 +356,25 @@ class Case:
 
 
 def run(names, tokens, reps, warmup, device, log=print, skews=("balanced",), phases=("train",),
-        onehot=True):
-    """Time every variant of every configuration, routing skew and phase (training: forward
-    and forward + backward; evaluation: forward, no capacity limit); the first (warm-up) call
-    of ``ours`` and ``onehot`` also measures their peak memory (it is not timed)."""
+        onehot=True, dtypes=("fp32",)):
+    """Time every variant of every configuration, dtype, routing skew and phase (training:
+    forward and forward + backward; evaluation: forward, no capacity limit); the first (warm-up)
+    call of ``ours`` and ``onehot`` also measures their peak memory (it is not timed)."""
     assert warmup >= 1
     results = []
-    for name in names:
-        for phase in phases:
-            for skew in skews:
-                case = Case(name, tokens, device, skew=skew, phase=phase)
-                case.has_onehot = case.has_onehot and onehot
-                log(f"# {name} {phase} {skew}: {tokens} tokens, {case.rows} expert rows computed "
-                    f"({case.passes:.2f} passes/token, {100 * case.drop_frac:.1f}% assignments "
-                    f"dropped, busiest expert {case.imbalance:.2f}x the mean load)")
-                for mode in (MODES if phase == "train" else ("fwd",)):
-                    results.append(time_case(case, mode, reps, warmup, device, log))
-                del case
+    for name, dtype, phase, skew in ((n, t, p, k) for n in names for t in dtypes for p in phases for k in skews):
+        case = Case(name, tokens, device, skew=skew, phase=phase, dtype=dtype)
+        case.has_onehot = case.has_onehot and onehot
+        tag = "" if dtype == "fp32" else f" {dtype}"
+        log(f"# {name}{tag} {phase} {skew}: {tokens} tokens, {case.rows} expert rows computed "
+            f"({case.passes:.2f} passes/token, {100 * case.drop_frac:.1f}% assignments "
+            f"dropped, busiest expert {case.imbalance:.2f}x the mean load)")
+        for mode in (MODES if phase == "train" else ("fwd",)):
+            results.append(time_case(case, mode, reps, warmup, device, log))
+        del case
     for r in results:  # time per expert row, relative to the balanced case of the same rows
-        base = next((b for b in results if (b["config"], b["mode"], b["phase"], b["skew"])
-                     == (r["config"], r["mode"], r["phase"], "balanced")), None)
+        base = next((b for b in results if (b["config"], b["dtype"], b["mode"], b["phase"], b["skew"])
+                     == (r["config"], r["dtype"], r["mode"], r["phase"], "balanced")), None)
         r["per_row_over_balanced"] = (
             round((r["ours_ms"] / r["rows"]) / (base["ours_ms"] / base["rows"]), 3) if base else None
         )
@@ -396,13 +401,13 @@ def time_case(case, mode, reps, warmup, device, log):
     ms = {v: 1000 * statistics.median(times[v]) for v in variants}
     onehot = "onehot" in ms
     r = {
-        "config": case.name, "mode": mode, "phase": case.phase, "skew": case.skew,
-        "ours_ms": round(ms["ours"], 2), "floor_ms": round(ms["floor"], 2),
-        "onehot_ms": round(ms["onehot"], 2) if onehot else None,
-        "experts_ms": round(ms["experts"], 2),
+        "config": case.name, "dtype": case.dtype, "mode": mode, "phase": case.phase, "skew": case.skew,
+        "ours_ms": round(ms["ours"], 3), "floor_ms": round(ms["floor"], 3),
+        "onehot_ms": round(ms["onehot"], 3) if onehot else None,
+        "experts_ms": round(ms["experts"], 3),
         "ours_over_floor": round(ms["ours"] / ms["floor"], 3),
         "ours_over_experts": round(ms["ours"] / ms["experts"], 3),
-        "passes_ms": round(ms["passes"], 2),
+        "passes_ms": round(ms["passes"], 3),
         "ours_over_passes": round(ms["ours"] / ms["passes"], 3),
         "passes_over_experts": round(ms["passes"] / ms["experts"], 3),
         "expert_runs": len(case.pass_chunks),
@@ -411,6 +416,7 @@ def time_case(case, mode, reps, warmup, device, log):
         "tokens": case.x.shape[0] * case.x.shape[1], "rows": case.rows,
         "passes_per_token": round(case.passes, 3), "dropped_frac": round(case.drop_frac, 4),
         "imbalance": round(case.imbalance, 2), "reps": reps, "threads": torch.get_num_threads(),
+        "device": str(device),
     }
     log(f"  {mode:8s} ours {r['ours_ms']:9.1f} ms  floor {r['floor_ms']:9.1f} ms  "
         f"experts {r['experts_ms']:9.1f} ms  ours/experts {r['ours_over_experts']:.2f}  "
@@ -425,17 +431,25 @@ def _fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
 
+def _ms(v) -> str:
+    """A time in ms: one decimal, two below 1 ms (GPU kernels)."""
+    return "-" if v is None else format(v, ".2f" if v < 1 else ".1f")
+
+
 def table(results) -> str:
-    head = ("| config | phase | skew | mode | ours ms | floor ms | experts ms | passes ms | one-hot ms | "
-            "ours/floor | ours/experts | ours/passes | one-hot/ours | per row vs balanced | ours peak MB | "
-            "one-hot peak MB |")
-    lines = [head, "|" + "---|" * 16]
+    """The results as a Markdown table; a dtype column when any case is not fp32."""
+    dt = any(r.get("dtype", "fp32") != "fp32" for r in results)
+    head = ("| config |" + (" dtype |" if dt else "") + " phase | skew | mode | ours ms | floor ms | experts ms | "
+            "passes ms | one-hot ms | ours/floor | ours/experts | ours/passes | one-hot/ours | per row vs balanced | "
+            "ours peak MB | one-hot peak MB |")
+    lines = [head, "|" + "---|" * (16 + dt)]
     for r in results:
         rel = r.get("per_row_over_balanced")
         lines.append(
-            f"| {r['config']} | {r['phase']} | {r['skew']} | {r['mode']} | {r['ours_ms']:.1f} | "
-            f"{r['floor_ms']:.1f} | {r['experts_ms']:.1f} | {r['passes_ms']:.1f} | "
-            f"{_fmt(r['onehot_ms'], '.1f')} | {r['ours_over_floor']:.2f} | {r['ours_over_experts']:.2f} | "
+            f"| {r['config']} |" + (f" {r['dtype']} |" if dt else "") + f" {r['phase']} | {r['skew']} | "
+            f"{r['mode']} | {_ms(r['ours_ms'])} | "
+            f"{_ms(r['floor_ms'])} | {_ms(r['experts_ms'])} | {_ms(r['passes_ms'])} | "
+            f"{_ms(r['onehot_ms'])} | {r['ours_over_floor']:.2f} | {r['ours_over_experts']:.2f} | "
             f"{r['ours_over_passes']:.2f} | "
             f"{_fmt(r['onehot_over_ours'], '.2f')} | {'' if rel is None else f'{rel:.2f}'} | "
             f"{r['ours_peak_mb']:.0f} | {_fmt(r['onehot_peak_mb'], '.0f')} |"
@@ -461,6 +475,9 @@ def main(argv=None):
                    help="skip the one-hot baseline (slow under skew: its buffers grow with the busiest expert)")
     p.add_argument("--phases", default="train",
                    help="train (capacity, fwd and fwd_bwd) and/or eval (no capacity, fwd) (default train)")
+    p.add_argument("--dtypes", default="fp32",
+                   help=f"comma-separated, of {', '.join(DTYPES)}: the block, its input and the floor "
+                        f"modules cast to each (default fp32)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
@@ -476,7 +493,8 @@ def main(argv=None):
             p.error(f"unknown config {n!r}; choose from {', '.join(CONFIGS)}")
     skews = [k for k in args.skews.split(",") if k]
     phases = [k for k in args.phases.split(",") if k]
-    for values, known, flag in ((skews, SKEWS, "--skews"), (phases, PHASES, "--phases")):
+    dtypes = [k for k in args.dtypes.split(",") if k]
+    for values, known, flag in ((skews, SKEWS, "--skews"), (phases, PHASES, "--phases"), (dtypes, DTYPES, "--dtypes")):
         for v in values:
             if v not in known:
                 p.error(f"{flag}: unknown {v!r}; choose from {', '.join(known)}")
@@ -485,7 +503,7 @@ def main(argv=None):
         f"{reps} repetitions after {warmup} warm-up, medians")
     t0 = time.time()
     results = run(names, tokens, reps, warmup, device, log, skews=skews, phases=phases,
-                  onehot=not args.no_onehot)
+                  onehot=not args.no_onehot, dtypes=dtypes)
     log(f"# total {time.time() - t0:.0f} s")
     if args.json:
         print(json.dumps(results, indent=1))
