@@ -9,18 +9,28 @@ parallelism an expert's rows arrive as one chunk per sending rank.)
 Two backends, picked per call by ``backend_for``:
 
 * ``grouped``: ``torch._grouped_mm`` (what ``torch.nn.functional.grouped_mm`` calls), one
-  kernel for all experts; used on CUDA for bf16 on compute capability 9.0+, where torch 2.13
-  has its fast kernel (elsewhere it falls back to a loop of its own with a host sync), and only
-  for one chunk per expert in expert order;
+  kernel for all experts, only where torch 2.13 runs its fast kernel (``fast_grouped_mm``:
+  CUDA, not ROCm, compute capability major 9 or 10, bf16, a build with the kernel; elsewhere
+  torch falls back to a loop of its own that copies the offsets to the host at every call, or
+  raises), and only for one chunk per expert in expert order, some rows, under 1024 experts;
 * ``loop``: one ``addmm``/``mm`` per chunk with rows, written straight into the output (bias
   fused, no host sync: the counts are host ints already). On CPU torch 2.13's grouped kernel
   is such a loop too (fp32/bf16/fp16 only, no bias), and measured no faster.
 
-``force_backend`` overrides the choice (tests run the ``grouped`` path on CPU in fp32).
+Experts with no rows: the forward and input-gradient layouts (2d x 3d, rows ragged) accept
+empty groups; the weight gradient (2d x 2d, the contraction ragged) accepts them only with
+its first operand column-major and its second row-major (torch's ``prepare_grouped_gemm_data``
+asserts non-empty groups for the other three layouts), which ``grouped_weight_grad`` always
+passes; and since what the kernel writes for an empty group is not reliable on every
+architecture (zero-K groups on sm100, pytorch#172439), an idle expert's gradient is written 0
+(or left as it is) from the host counts, never taken from the kernel.
+
+``force_backend`` overrides the choice (tests run the ``grouped`` path on CPU).
 """
 
+import sys
 from contextlib import contextmanager
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -44,16 +54,50 @@ def per_expert(counts: List[int]) -> List[Tuple[int, int]]:
     return list(enumerate(counts))
 
 
+# torch's bf16 grouped kernel takes fewer than this many groups (GroupMM.cu: TORCH_CHECK)
+MAX_GROUPS = 1024
+_FAST: Dict[torch.device, bool] = {}
+
+
+def fast_grouped_mm(device: torch.device) -> bool:
+    """Whether ``torch._grouped_mm`` runs torch's fast bf16 kernel (no host sync) on ``device``.
+
+    Exactly torch 2.13's own condition (``_grouped_mm_cuda`` in ATen's cuda/GroupedBlas.cpp:
+    ``_scaled_mm_allowed_device(sm90_only, sm100_only)``, i.e. compute capability major 9 or
+    10, and not ROCm) and the kernel's build condition (``BUILD_GG_KERNEL`` in GroupMM.cu: CUDA
+    12 or later, not Windows; without it the call raises). Elsewhere (sm 8.x, 11.x, 12.x, ROCm)
+    torch runs ``_grouped_mm_fallback``, which copies the offsets to the host at every call.
+    ROCm's CK kernel (gfx942/gfx950 builds with CK) is not taken: not tested here. The bf16
+    condition is the caller's (``backend_for``). Decided once per device."""
+    if device.type != "cuda":
+        return False
+    fast = _FAST.get(device)
+    if fast is None:
+        fast = _FAST[device] = _fast_grouped_mm(device)
+    return fast
+
+
+def _fast_grouped_mm(device: torch.device) -> bool:
+    cuda = torch.version.cuda
+    if torch.version.hip or not cuda or sys.platform == "win32" or int(cuda.split(".")[0]) < 12:
+        return False
+    if not hasattr(torch, "_grouped_mm") or not torch._C._dispatch_has_kernel_for_dispatch_key(
+            "aten::_grouped_mm", "CUDA"):
+        return False
+    return torch.cuda.get_device_capability(device)[0] in (9, 10)
+
+
 def backend_for(x: Tensor, w: Optional[Tensor], chunks: Chunks, counts_V: Optional[Tensor]) -> str:
-    """``grouped`` where torch has its fast kernel for ``x`` (and the weights ``w``: its
-    operands need 16-byte strides) and the chunks are one per expert with device counts given,
-    else ``loop``."""
+    """``grouped`` where torch has its fast kernel for ``x`` (``fast_grouped_mm``, bf16 ``x``
+    and weights ``w``, whose rows need 16-byte strides), the chunks are one per expert with
+    device counts given, fewer than ``MAX_GROUPS``, with some rows; else ``loop``."""
     one_per_expert = counts_V is not None and all(e == i for i, (e, _) in enumerate(chunks))
     if _FORCED[0] is not None:
         return "grouped" if (_FORCED[0] == "grouped" and one_per_expert) else "loop"
+    if not (one_per_expert and x.dtype == torch.bfloat16 and (w is None or w.dtype == torch.bfloat16)):
+        return "loop"
     aligned = all(t is None or t.size(-1) % 8 == 0 for t in (x, w))
-    if (one_per_expert and aligned and x.is_cuda and x.dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(x.device) >= (9, 0)):
+    if aligned and 0 < len(chunks) < MAX_GROUPS and any(c for _, c in chunks) and fast_grouped_mm(x.device):
         return "grouped"
     return "loop"
 
@@ -64,6 +108,10 @@ def _groups(chunks: Chunks, *tensors: Tensor):
     for i, (e, c) in enumerate(chunks):
         if c:
             yield (e, *(p[i] for p in parts))
+
+
+def _row_major(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def group_offsets(counts_V: Tensor) -> Tensor:
@@ -116,11 +164,26 @@ def grouped_weight_grad(x_Rk: Tensor, g_Rm: Tensor, chunks: Chunks, gw_Vmk: Tens
     gw, gb = gw_Vmk.unbind(0), gb_Vm.unbind(0)
     if backend_for(x_Rk, g_Rm, chunks, counts_V) == "grouped":
         offs = group_offsets(counts_V)
+        # 2d x 2d, rows (the contraction) ragged: g^T column-major, x row-major, the one layout
+        # whose kernel takes empty groups
+        g_Rm, x_Rk = _row_major(g_Rm), _row_major(x_Rk)
         full_w = torch._grouped_mm(g_Rm.t(), x_Rk, offs=offs).unbind(0)
-        full_b = torch.segment_reduce(g_Rm, "sum", lengths=counts_V, axis=0, unsafe=True, initial=0).unbind(0)
-        for e in range(len(chunks)):
-            (gw[e].copy_ if fresh[e] else gw[e].add_)(full_w[e])
-            (gb[e].copy_ if fresh[e] else gb[e].add_)(full_b[e])
+        # bias: 1^T g_e by the same kernel, which accumulates in fp32 (torch.segment_reduce
+        # sums in the input dtype: 4096 ones give 256 in bf16); 8 rows of ones for the
+        # operand's 16-byte stride, row 0 kept
+        ones = g_Rm.new_ones(g_Rm.size(0), 8).t()
+        full_b = torch._grouped_mm(ones, g_Rm, offs=offs)[:, 0].unbind(0)
+        for e, (_, rows) in enumerate(chunks):
+            if not rows:  # no rows: 0 so far, whatever the kernel wrote for the empty group
+                if fresh[e]:
+                    gw[e].zero_()
+                    gb[e].zero_()
+            elif fresh[e]:
+                gw[e].copy_(full_w[e])
+                gb[e].copy_(full_b[e])
+            else:
+                gw[e].add_(full_w[e])
+                gb[e].add_(full_b[e])
             fresh[e] = False
         return
     for e, x_e, g_e in _groups(chunks, x_Rk, g_Rm):
