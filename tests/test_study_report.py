@@ -72,3 +72,43 @@ def test_scored_finds_the_current_scores_and_those_kept_from_shorter_budgets(tmp
     assert study_report.mean_scores(run / "u1250" / "eval") == {"chrf": 20.0, "rc_enc": 1.0, "rc_dec": 1.0}
     (tmp_path / "dense-s1" / "eval" / "scores.csv").write_text("chrf,rc_enc,rc_dec\n20,,\n22,,\n")
     assert study_report.mean_scores(tmp_path / "dense-s1" / "eval") == {"chrf": 21.0, "rc_enc": None, "rc_dec": None}
+
+
+_REPORT = """bible: chrf
+
+| system | avg |
+|---|---|
+| dense (ours, n=2) | 27.05 ± 2.16 |
+| smoe (ours, n=2) | 27.81 ± 0.79 |
+
+* ours: mean ± sample standard deviation (n-1) over n training seeds
+* dense: means over 8 scored directions; missing: ita-eng, eng-ita
+* dense: no row of that name in the paper's tables
+* smoe: means over 8 scored directions; missing: ita-eng, eng-ita
+* smoe: no row of that name in the paper's tables
+
+Paired bootstrap resampling against dense"""
+
+
+def test_condense_notes_says_what_every_system_lacks_once():
+    got = study_report.condense_notes(_REPORT).split("\n")
+    assert "* every system: means over the 8 scored directions; not run: ita-eng, eng-ita" in got
+    assert "* no system has a row of its name in the paper's tables" in got
+    assert not [line for line in got if "missing:" in line or "no row of that name" in line]
+    # everything else stays, in order
+    assert got[:7] == _REPORT.split("\n")[:7] and got[-1] == "Paired bootstrap resampling against dense"
+    assert len(got) == len(_REPORT.split("\n")) - 2
+
+
+def test_condense_notes_keeps_notes_that_differ_between_systems():
+    differ = _REPORT.replace("* smoe: means over 8 scored directions; missing: ita-eng, eng-ita",
+                             "* smoe: means over 7 scored directions; missing: ita-eng, eng-ita, eng-deu")
+    assert study_report.condense_notes(differ) == differ
+    assert study_report.condense_notes("no notes\n") == "no notes\n"
+
+
+def test_the_committed_study_document_is_the_generators():
+    # the prose lives in study_report's template: edit it there, not in docs/study/study.md
+    doc = (ROOT / "docs" / "study" / "study.md").read_text(encoding="utf-8")
+    assert doc.startswith("\n".join([study_report.TITLE, *study_report.PROSE.split("\n")]))
+    assert "missing:" not in doc and "no row of that name" not in doc
