@@ -63,7 +63,8 @@ class CMRBlock(nn.Module):
         if padding_mask_BT is not None and not self.cfg.route_padding:
             keep_TB = ~padding_mask_BT.t()
             return g * keep_TB.to(g.dtype), keep_TB.sum()
-        return g, torch.tensor(g.numel(), device=g.device)
+        # a fill on g's device, not torch.tensor(..., device=): no host-to-device copy per forward
+        return g, g.new_full((), g.numel(), dtype=torch.long)
 
     def forward(self, x_TBd: Tensor, padding_mask_BT: Optional[Tensor] = None,
                 trace: bool = False, stats: bool = True) -> Tuple[Tensor, Optional[SlotStats]]:
