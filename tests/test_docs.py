@@ -230,6 +230,20 @@ def unknown_in(parser, argv) -> list:
     return [f for f in flags_of(argv) if f not in parser._option_string_actions]
 
 
+def positionals(parser, argv) -> list:
+    """The arguments of argv that are not flags or flag values."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if re.match(r"^--?[A-Za-z]", a):
+            action = parser._option_string_actions.get(a.split("=", 1)[0])
+            i += 2 if action is not None and action.nargs != 0 and "=" not in a else 1
+        else:
+            out.append(a)
+            i += 1
+    return out
+
+
 @functools.lru_cache(maxsize=None)
 def fairseq_options():
     import fairseq_smoe  # noqa: F401  (registers the plugin, as --user-dir does)
@@ -271,7 +285,11 @@ def problems_of(tokens) -> list:
             bad += script_problems(Path(tok).name, rest)
         elif re.fullmatch(r"(?:.*/)?python3?", tok) and rest[:1] == ["-m"] and len(rest) > 1:
             if rest[1].startswith(("fairseq_smoe.", "data_prep.")):
-                bad += [f"python -m {rest[1]}: no flag {f}" for f in unknown_in(parser_of(rest[1]), rest[2:])]
+                parser = parser_of(rest[1])
+                bad += [f"python -m {rest[1]}: no flag {f}" for f in unknown_in(parser, rest[2:])]
+                if rest[1] in ("fairseq_smoe.recipes", "fairseq_smoe.cost"):  # CONFIG [CONFIG...]
+                    bad += [f"python -m {rest[1]}: {b}" for a in positionals(parser, rest[2:])
+                            for b in recipe_problems(a)]
         elif re.fullmatch(r"(?:.*/)?python3?", tok) and rest[:1] and re.fullmatch(r"scripts/\w+\.py", rest[0]):
             bad += [f"python {rest[0]}: no flag {f}" for f in unknown_in(parser_of(rest[0]), rest[1:])]
     return bad
@@ -345,6 +363,8 @@ def test_a_wrong_flag_recipe_or_path_is_found():
         ["python -m fairseq_smoe.cost: no flag --no-such-flag"]
     assert problems_of(shlex.split("python -m fairseq_smoe.checkpoints reshard a b --world-size 2 --shards 3")) == \
         ["python -m fairseq_smoe.checkpoints: no flag --shards"]
+    assert problems_of(shlex.split("python -m fairseq_smoe.cost m4/dense m4/smoe-9-9 --vocab-size 8")) == \
+        ["python -m fairseq_smoe.cost: no recipe configs/m4/smoe-9-9.conf"]
     assert problems_of(shlex.split("scripts/train.sh demo/no-such-recipe D S")) == \
         ["scripts/train.sh: no recipe configs/demo/no-such-recipe.conf"]
     assert problems_of(shlex.split("scripts/train.sh demo/smoe-tiny D S --moe-freq 2 --moe-frequency 2")) == \
