@@ -2,6 +2,12 @@
 
 import pytest
 
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "cuda: needs a CUDA GPU (skipped, with its reason, without one); `pytest -m cuda` runs them")
+
+
 WORDS = "in the beginning god created heavens and earth im anfang schuf gott himmel erde".split()
 
 

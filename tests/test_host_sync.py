@@ -40,6 +40,9 @@ TRANSFERS = {  # what runs -> what the audit records
     "unique": (lambda: torch.unique(X), ["aten::_unique2"]),
     "repeat_interleave, no output_size": (lambda: X.repeat_interleave(M.long()), ["aten::repeat_interleave"]),
     "equal": (lambda: torch.equal(X, X), ["aten::equal"]),
+    # across devices ("meta" stands in for a GPU on CPU)
+    "to another device": (lambda: X.to(device="meta"), ["Tensor.to(device)"]),
+    "copy from another device": (lambda: torch.empty(6, device="meta").copy_(X), ["aten::copy_"]),
 }
 
 DEVICE_ONLY = {  # no transfer on CUDA either
@@ -47,6 +50,7 @@ DEVICE_ONLY = {  # no transfer on CUDA either
     "slices": lambda: X[1:3],
     "dtype cast": lambda: X.to(torch.float64),
     "to its own device": lambda: X.to(X.device),
+    "to its own device, copied": lambda: X.to("cpu", torch.float64, non_blocking=True, copy=True),
     "to like a tensor on its device": lambda: X.to(M),
     "fill with a Python number": lambda: X.new_full((), 5, dtype=torch.long),
     "masked_fill": lambda: X.masked_fill(M, 0.0),

@@ -135,7 +135,7 @@ def _function_sync(func, args, kwargs) -> str:
     if func in (Tensor.__getitem__, Tensor.__setitem__):
         return f"Tensor.{func.__name__}(list)" if _has_list(args[1]) else ""
     if func is Tensor.to and isinstance(args[0], Tensor):
-        device = torch._C._nn._parse_to(*args[1:], **kwargs)[0]
+        device = torch._C._nn._parse_to(*args[1:], **{k: v for k, v in kwargs.items() if k != "copy"})[0]
         return "Tensor.to(device)" if device is not None and device != args[0].device else ""
     return ""
 
