@@ -22,3 +22,9 @@ demo: install
 
 clean:
 	rm -rf runs/demo
+
+# make gpu-check: the GPU check (scripts/gpu_check.sh; on a machine without CUDA its CPU part);
+# GPU_CHECK_ARGS passes options, e.g. GPU_CHECK_ARGS="--out runs/gpu_check_h100"
+.PHONY: gpu-check
+gpu-check: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" PYTHON="$(CURDIR)/$(PY)" bash scripts/gpu_check.sh $(GPU_CHECK_ARGS)

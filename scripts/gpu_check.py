@@ -29,7 +29,8 @@ check's output to ``DIR/<check>.log``:
   experts / passes / one-hot, the first four configurations at 4096 tokens) as a table, also in
   ``DIR/benchmark.md``.
 
-Without CUDA (or with ``--cpu-only``): ``train:fp32`` runs on CPU, ``expert-parallel`` over gloo
+Without CUDA (or with ``--cpu-only``): ``train:fp32`` and ``train:bf16`` (the plugin's bf16
+path is torch.autocast, which runs on CPU too) train on CPU, ``expert-parallel`` over gloo
 (2 CPU processes), ``benchmark`` as a CPU smoke run (64 tokens, m4-4-4), ``cuda-tests`` runs
 pytest to show that every CUDA test is collected and skips; everything that needs CUDA is
 reported skipped with the reason. Exit status 1 if any check failed, else 0.
@@ -73,6 +74,8 @@ PRECISIONS = {  # name: flags (the bf16 entry comes from --bf16-flags)
     "bf16": None,
     "fp16+checkpoint-activations": ["--fp16", "--checkpoint-activations"],
 }
+# what trains on CPU too: the plugin's bf16 path (--smoe-bf16) is torch.autocast, CPU or CUDA
+CPU_PRECISIONS = ("fp32", "bf16")
 CHECKS = [f"train:{p}" for p in PRECISIONS] + ["cuda-tests", "expert-parallel", "benchmark"]
 LIMITS = {"train": 150, "cuda-tests": 300, "expert-parallel": 240, "benchmark": 240, "prepare": 120}
 OVERFLOW = re.compile(r"gradient overflow detected|AMP: overflow detected|AMP: skipping this batch")
@@ -250,6 +253,7 @@ class Session:
         self.cuda = torch.cuda.is_available() and not args.cpu_only
         self.device = "cuda" if self.cuda else "cpu"
         self.gpus = torch.cuda.device_count() if self.cuda else 0
+        self.capability = tuple(torch.cuda.get_device_capability(0)) if self.cuda else None
         self.start = time.time()
         self.results = []
         self.env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -333,7 +337,7 @@ class Session:
         names = [p for p in PRECISIONS if self.wanted(f"train:{p}")]
         if not names:
             return
-        runnable = list(names) if self.cuda else [p for p in names if p == "fp32"]
+        runnable = list(names) if self.cuda else [p for p in names if p in CPU_PRECISIONS]
         for p in names:
             if p not in runnable:
                 self.record(f"train:{p}", "skipped", "no CUDA: this precision trains on a GPU only (what each "
@@ -341,6 +345,10 @@ class Session:
             elif p == "bf16" and not self.args.bf16_flags:
                 runnable.remove(p)
                 self.record("train:bf16", "failed", "no bf16 flag given (BF16_FLAGS in scripts/gpu_check.sh)")
+            elif p == "bf16" and self.cuda and self.capability < (8, 0):
+                runnable.remove(p)
+                self.record("train:bf16", "skipped", f"GPU of compute capability {self.capability[0]}."
+                            f"{self.capability[1]}: bf16 needs 8.0+ (the plugin refuses it there)")
         if not runnable:
             return
         data = self.prepare()

@@ -277,8 +277,12 @@ def test_translator_on_cuda_agrees_with_cpu(trained):
     # fp32 on both: the same hypotheses but where rounding flips a near tie in the beam
     same = sum(a == b for a, b in zip(out_gpu, out_cpu))
     assert same >= 0.9 * len(src), f"only {same} of {len(src)} translations equal CPU's"
+    # the encoder's states (an SMoE block among its layers) within fp32 rounding at 99% of the
+    # positions: a token whose routing a near tie flips between the devices differs as a whole
     enc_gpu, enc_cpu = _encoder_out(gpu, src[:16]), _encoder_out(cpu, src[:16])
-    torch.testing.assert_close(enc_gpu, enc_cpu, rtol=1e-4, atol=1e-4)
+    assert enc_gpu.shape == enc_cpu.shape
+    close = ((enc_gpu - enc_cpu).abs() <= 1e-4 + 1e-4 * enc_cpu.abs()).all(-1)
+    assert close.double().mean() >= 0.99, f"{int((~close).sum())} of {close.numel()} positions differ"
     routing = gpu.route(src[0], "en", "de", beam=3)
     assert routing.blocks and isinstance(routing.translation, str)
 
