@@ -13,9 +13,10 @@ OUT_DIR gets ``text/`` (the raw splits) and everything ``data_prep.spm_binarize`
 
 import argparse
 import os
-import sys
 from collections import Counter
 from pathlib import Path
+
+from fairseq_smoe import errors
 
 from . import bible
 from .spm_binarize import DataPrepError, prepare
@@ -70,6 +71,7 @@ def prepare_bible(out_dir, langs=DEFAULT_LANGS, archive=None, cache=DEFAULT_CACH
     return summary
 
 
+@errors.cli(prog="bible_benchmark")
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out_dir")
@@ -79,10 +81,7 @@ def main(argv=None):
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1)
     a = p.parse_args(argv)
-    try:
-        prepare_bible(a.out_dir, [l for l in a.langs.split(",") if l], a.archive, a.cache, a.vocab_size, a.workers)
-    except DataPrepError as err:
-        sys.exit(f"bible_benchmark: error: {err}")
+    prepare_bible(a.out_dir, [l for l in a.langs.split(",") if l], a.archive, a.cache, a.vocab_size, a.workers)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from data_prep import bible
+from fairseq_smoe import errors
 
 PAIRS = [("en", "de"), ("en", "fr"), ("en", "es"), ("en", "ru")]
 
@@ -158,6 +159,7 @@ on every run.
 """
 
 
+@errors.cli
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="output directory, e.g. tests/fixtures/bible")

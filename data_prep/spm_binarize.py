@@ -83,6 +83,8 @@ from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
+from fairseq_smoe import errors
+
 SPLITS = ("train", "valid", "test")
 DIRECTIONS = ("both", "forward")
 DEFAULT_VOCAB_SIZE = 4000
@@ -100,7 +102,7 @@ _ENCODE_BATCH = 10_000  # lines per sentencepiece call
 _OTHER_WHITESPACE = re.compile(r"[^\S ]")
 
 
-class DataPrepError(Exception):
+class DataPrepError(errors.UserError):
     """Invalid input or a failed step; the message names the file and the fix."""
 
 
@@ -159,8 +161,12 @@ def write_if_changed(path: Path, data: bytes) -> bool:
     return True
 
 
-def _clean(line: str) -> str:
+def clean_line(line: str) -> str:
+    """Whitespace other than ' ' becomes ' ' (what the data was encoded from; SMoETranslator too)."""
     return _OTHER_WHITESPACE.sub(" ", line)
+
+
+_clean = clean_line
 
 
 def read_lines(path: Path):
@@ -748,6 +754,7 @@ def format_summary(s: dict) -> str:
     return "\n".join(out)
 
 
+@errors.cli(prog="spm_binarize", returns=True)
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m data_prep.spm_binarize",
@@ -769,15 +776,11 @@ def main(argv=None) -> int:
                     help="SentencePiece training threads; part of the result, keep it fixed")
     ap.add_argument("--quiet", action="store_true", help="no progress messages or summary")
     args = ap.parse_args(argv)
-    try:
-        prepare(args.raw, args.pairs, args.out, vocab_size=args.vocab_size,
-                directions=args.directions, workers=args.workers,
-                character_coverage=args.character_coverage,
-                max_spm_sentences=args.max_spm_sentences, spm_threads=args.spm_threads,
-                verbose=not args.quiet)
-    except DataPrepError as e:
-        print(f"spm_binarize: error: {e}", file=sys.stderr)
-        return 1
+    prepare(args.raw, args.pairs, args.out, vocab_size=args.vocab_size,
+            directions=args.directions, workers=args.workers,
+            character_coverage=args.character_coverage,
+            max_spm_sentences=args.max_spm_sentences, spm_threads=args.spm_threads,
+            verbose=not args.quiet)
     return 0
 
 

@@ -32,13 +32,13 @@ import argparse
 import csv
 import math
 import os
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
+from . import errors
 from .errors import UserError
 
 TOP = 25
@@ -413,8 +413,14 @@ def analyze(checkpoint, data_dir, out_dir, subset="valid", max_sentences=None, m
     models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(
         [str(checkpoint)], arg_overrides={"data": str(data_bin)})
     model = models[0].eval()
-    if not hasattr(model, "smoe_blocks") or not (model.smoe_blocks("encoder") + model.smoe_blocks("decoder")):
-        raise AnalysisError(f"{checkpoint} has no SMoE blocks (a dense model?): nothing to analyse")
+    if not hasattr(model, "smoe_blocks"):
+        from .cost import stock_model
+
+        raise AnalysisError(f"{checkpoint} is {stock_model(_cfg.model) or 'not an smoe_transformer model'}: "
+                            f"there is no routing to analyse (analyze needs an smoe_transformer checkpoint)")
+    if not (model.smoe_blocks("encoder") + model.smoe_blocks("decoder")):
+        raise AnalysisError(f"{checkpoint} is a dense smoe_transformer model (--moe-freq 0): it has no SMoE "
+                            f"blocks, so there is no routing to analyse")
     if cuda:
         model.cuda()
     col = run_model(model, task, subset, max_tokens, max_sentences, cuda)
@@ -428,6 +434,7 @@ def analyze(checkpoint, data_dir, out_dir, subset="valid", max_sentences=None, m
     return out
 
 
+@errors.cli
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m fairseq_smoe.analyze",
                                 description=__doc__.split("\n\n")[0])
@@ -441,10 +448,7 @@ def main(argv=None):
                    help="a token enters the top/bottom RC lists when seen this often (default 3)")
     p.add_argument("--cpu", action="store_true", help="run on CPU even with a GPU")
     a = p.parse_args(argv)
-    try:
-        analyze(a.checkpoint, a.data_dir, a.out_dir, a.subset, a.max_sentences, a.max_tokens, a.cpu, a.min_count)
-    except AnalysisError as err:
-        sys.exit(f"error: {err}")
+    analyze(a.checkpoint, a.data_dir, a.out_dir, a.subset, a.max_sentences, a.max_tokens, a.cpu, a.min_count)
     print(f"analysis written to {a.out_dir} (see {os.path.join(a.out_dir, 'index.md')})")
 
 

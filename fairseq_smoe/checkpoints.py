@@ -58,6 +58,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from . import errors
 from .checkpoint_io import CheckpointError, atomic_write
 from .modules.experts import LAYOUT_KEY, is_expert_weight
 
@@ -667,8 +668,31 @@ def _meta_of(state: dict, path: str) -> dict:
     return meta
 
 
+def check_paths(src: str, out: str) -> None:
+    """The output of a conversion is a new file: not the source, not an existing directory,
+    not inside a file. Checked before anything is read or written."""
+    if os.path.isdir(out):
+        raise errors.ConfigError(f"output {out} is a directory; give the path of the file to write, "
+                                 f"e.g. {os.path.join(out, os.path.basename(src))}")
+    if os.path.exists(out) and os.path.exists(src) and os.path.samefile(src, out):
+        raise errors.ConfigError(f"output {out} is the source checkpoint {src}; write the converted "
+                                 f"checkpoint to another path (the source is kept as it is)")
+    parent = os.path.dirname(os.path.abspath(out))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise errors.ConfigError(f"output {out}: {parent} is a file, not a directory")
+
+
+def check_world_size(world_size) -> None:
+    if not isinstance(world_size, int) or world_size < 1:
+        raise errors.ConfigError(f"--world-size {world_size}: the number of training processes (GPUs) "
+                                 f"the shard set is for must be at least 1")
+
+
 def consolidate(src: str, out: str) -> dict:
     """A shard set (its index) -> one consolidated checkpoint file."""
+    check_paths(src, out)
     state, index = _load_any(src)
     if index is None:
         raise CheckpointError(src, "is already a consolidated checkpoint (not a shard index)",
@@ -682,6 +706,8 @@ def reshard(src: str, out: str, world_size: int) -> dict:
     ``out``, shards next to it)."""
     from .modules.expert_parallel import ep_layout
 
+    check_world_size(world_size)
+    check_paths(src, out)
     state, _ = _load_any(src)
     meta = _meta_of(state, src)
     E = meta["num_experts"]
@@ -753,6 +779,7 @@ def describe(path: str) -> str:
     return "\n".join(lines)
 
 
+@errors.cli(returns=True)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fairseq_smoe.checkpoints",
@@ -772,18 +799,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import fairseq_smoe  # noqa: F401  (safe-loading allowlist)
 
-    try:
-        if args.cmd == "consolidate":
-            consolidate(args.index, args.out)
-            print(f"wrote {args.out}")
-        elif args.cmd == "reshard":
-            reshard(args.src, args.out, args.world_size)
-            print(describe(args.out))
-        else:
-            print(describe(args.path))
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    if args.cmd == "consolidate":
+        consolidate(args.index, args.out)
+        print(f"wrote {args.out}")
+    elif args.cmd == "reshard":
+        reshard(args.src, args.out, args.world_size)
+        print(describe(args.out))
+    else:
+        print(describe(args.path))
     return 0
 
 

@@ -40,14 +40,18 @@ per slot give 342.8M where the paper prints 327M (+4.8%), while the same count g
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
+from . import errors
 from .checkpoint_io import CheckpointError
-from .recipes import RecipeError, load_config
+from .recipes import load_config
 
 DEFAULT_VOCAB = 32000
+
+
+class CostError(errors.UserError, ValueError):
+    """A flag of the cost tool out of its domain."""
 
 
 @dataclass(frozen=True)
@@ -83,13 +87,25 @@ class Shape:
         return 1 if self.top1 else 2
 
 
+def stock_model(args) -> Optional[str]:
+    """None for the model flags of an ``smoe_transformer`` (they have the SMoE options); else
+    what the model is, for messages: "a stock fairseq 'transformer' model without SMoE blocks"."""
+    if args is None or getattr(args, "moe_expert_count", None) is not None:
+        return None
+    arch = getattr(args, "arch", None) or getattr(args, "_name", None) or "unknown"
+    return f"a stock fairseq {arch!r} model without SMoE blocks"
+
+
 def shape_from_args(args, vocab: int) -> Shape:
+    """The count's view of a model's flags; a stock fairseq transformer (no SMoE options) is
+    counted as the dense model it is."""
     from fairseq.models.transformer import DEFAULT_MAX_SOURCE_POSITIONS, DEFAULT_MAX_TARGET_POSITIONS
 
     from .models.smoe_transformer import parse_widths
     from .modules.config import parse_strata
 
-    strata = parse_strata(getattr(args, "smoe_strata", ""), args.moe_expert_count)
+    stock = stock_model(args) is not None
+    strata = (1,) if stock else parse_strata(getattr(args, "smoe_strata", ""), args.moe_expert_count)
     return Shape(
         enc_layers=args.encoder_layers, dec_layers=args.decoder_layers,
         enc_dim=args.encoder_embed_dim, dec_dim=args.decoder_embed_dim,
@@ -104,7 +120,7 @@ def shape_from_args(args, vocab: int) -> Shape:
         layernorm_embedding=bool(getattr(args, "layernorm_embedding", False)),
         enc_final_norm=bool(args.encoder_normalize_before),
         dec_final_norm=bool(args.decoder_normalize_before),
-        moe_freq=args.moe_freq, strata=strata, top1=bool(args.moe_top1_expert),
+        moe_freq=0 if stock else args.moe_freq, strata=strata, top1=bool(getattr(args, "moe_top1_expert", False)),
         stack=int(getattr(args, "moe_stack", 1) or 1), cmr=bool(getattr(args, "moe_cmr", False)),
         residual=getattr(args, "smoe_residual", "official"),
         strata_ffn=parse_widths(getattr(args, "smoe_strata_ffn", None)),
@@ -317,6 +333,11 @@ def checkpoint_cost(checkpoint: str, data: str, vocab: Optional[int], subset: st
         [checkpoint], arg_overrides={"data": data}
     )
     model = models[0]
+    from fairseq.models.transformer import TransformerModel
+
+    if stock_model(cfg.model) is not None and not isinstance(model, TransformerModel):
+        raise CheckpointError(f"--checkpoint {checkpoint} is {stock_model(cfg.model)}, not a transformer: "
+                              f"the count covers transformer encoder-decoders only")
     cuda = torch.cuda.is_available() and not cpu
     if cuda:
         model.cuda()
@@ -343,6 +364,7 @@ def human(n: float) -> str:
     return f"{n / 1e6:.1f}M"
 
 
+@errors.cli
 def main(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m fairseq_smoe.cost",
@@ -364,30 +386,27 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     rows = []
-    try:
-        if a.checkpoint:
-            if not a.data:
-                p.error("--checkpoint needs --data DATA_DIR")
-            if len(a.configs) > 1:
-                p.error("--checkpoint measures one model: give at most one CONFIG (a label)")
-            data = _data_bin(a.data)
-            params, flops, passes = checkpoint_cost(
-                a.checkpoint, data, a.vocab_size, a.subset, a.max_tokens, a.cpu)
-            label = a.configs[0] if a.configs else a.checkpoint
-            rows.append((label, params, flops, _mean(passes)))
-        else:
-            if not a.configs:
-                p.error("give at least one CONFIG (e.g. m4/smoe-4-4), or --checkpoint")
-            vocab = a.vocab_size or DEFAULT_VOCAB
-            for name in a.configs:
-                shape = config_shape(name, vocab)
-                params, flops = count(shape)
-                rc = None
-                if shape.moe_freq > 0:
-                    rc = expected_passes(shape.strata) if shape.stack == 1 else float(shape.stack)
-                rows.append((name, params, flops, rc))
-    except (RecipeError, ValueError, FileNotFoundError, CheckpointError) as err:
-        sys.exit(f"error: {err}")
+    if a.checkpoint:
+        if not a.data:
+            p.error("--checkpoint needs --data DATA_DIR")
+        if len(a.configs) > 1:
+            p.error("--checkpoint measures one model: give at most one CONFIG (a label)")
+        data = _data_bin(a.data)
+        params, flops, passes = checkpoint_cost(
+            a.checkpoint, data, a.vocab_size, a.subset, a.max_tokens, a.cpu)
+        label = a.configs[0] if a.configs else a.checkpoint
+        rows.append((label, params, flops, _mean(passes)))
+    else:
+        if not a.configs:
+            p.error("give at least one CONFIG (e.g. m4/smoe-4-4), or --checkpoint")
+        vocab = a.vocab_size or DEFAULT_VOCAB
+        for name in a.configs:
+            shape = config_shape(name, vocab)
+            params, flops = count(shape)
+            rc = None
+            if shape.moe_freq > 0:
+                rc = expected_passes(shape.strata) if shape.stack == 1 else float(shape.stack)
+            rows.append((name, params, flops, rc))
 
     if a.json:
         print(json.dumps([{"config": n, "params": pr, "flops_per_token": int(round(f))}
@@ -412,7 +431,7 @@ def _data_bin(data: str) -> str:
     if (path / "data-bin").is_dir():
         return str(path / "data-bin")
     if not path.is_dir():
-        raise FileNotFoundError(f"--data {data} is not a directory")
+        raise CostError(f"--data {data} is not a directory")
     return str(path)
 
 

@@ -13,17 +13,26 @@ count with the measured passes). K = L is the model as trained. Writes ``dial.cs
 
 import argparse
 import csv
-import sys
 from pathlib import Path
+
+from . import errors
+
+
+class DialError(errors.UserError, RuntimeError):
+    """A checkpoint the dial cannot run on (no strata passes to cap)."""
 
 
 def model_shape(checkpoint):
     """(cost Shape, strata count, MoE slots per side) of a checkpoint's model."""
-    from .cost import shape_from_args
+    from .cost import shape_from_args, stock_model
     from .translator import read_checkpoint
 
     state = read_checkpoint(checkpoint)
     args = state["cfg"]["model"]
+    stock = stock_model(args)
+    if stock is not None:
+        raise DialError(f"{checkpoint} is {stock}: it has no strata passes to dial (the dial needs an "
+                        f"smoe_transformer checkpoint; python -m fairseq_smoe.evaluate scores a dense multilingual model)")
     vocab = state["model"]["decoder.embed_tokens.weight"].size(0)
     shape = shape_from_args(args, vocab)
     slots = {side: sum(1 for i in range(layers) if shape.moe_freq and (i + 1) % shape.moe_freq == 0)
@@ -33,11 +42,13 @@ def model_shape(checkpoint):
 
 def dial(checkpoint, data_dir, out_dir, beam=5, lenpen=1.0, max_tokens=4096, cpu=None):
     from .cost import count
-    from .evaluate import evaluate
+    from .evaluate import check_decoding_args, evaluate
 
+    check_decoding_args(beam, max_tokens)
     shape, L, slots = model_shape(checkpoint)
     if shape.moe_freq <= 0:
-        raise SystemExit(f"error: {checkpoint} is a dense model: it has no passes to dial")
+        raise DialError(f"{checkpoint} is a dense smoe_transformer model (--moe-freq 0): it has no strata "
+                        f"passes to dial")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -90,17 +101,14 @@ def plot(rows, path, label):
     plt.close(fig)
 
 
+@errors.cli
 def main(argv=None):
     from .evaluate import add_decoding_args
-    from .translator import TranslatorError
 
     p = argparse.ArgumentParser(prog="python -m fairseq_smoe.dial", description=__doc__.split("\n\n")[0])
     add_decoding_args(p)
     a = p.parse_args(argv)
-    try:
-        dial(a.checkpoint, a.data_dir, a.out_dir, a.beam, a.lenpen, a.max_tokens, a.cpu)
-    except TranslatorError as err:
-        sys.exit(f"error: {err}")
+    dial(a.checkpoint, a.data_dir, a.out_dir, a.beam, a.lenpen, a.max_tokens, a.cpu)
 
 
 if __name__ == "__main__":

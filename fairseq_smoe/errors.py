@@ -15,9 +15,12 @@ on stderr and exits with status 1 (:data:`EXIT_USER_ERROR`), without a traceback
   ``sys.excepthook`` that :func:`install_excepthook` sets when the plugin is imported.
 
 Anything else (a bug) keeps its traceback. Argparse's own usage errors keep argparse's status 2.
+``docs/errors.md`` says what a user can expect.
 """
 
 import functools
+import importlib
+import re
 import sys
 
 EXIT_USER_ERROR = 1
@@ -25,6 +28,23 @@ EXIT_USER_ERROR = 1
 
 class UserError(Exception):
     """A mistake the user can fix; the message says what is wrong and what to do."""
+
+
+class ConfigError(UserError, ValueError):
+    """A flag (or flag combination) outside its domain; the message names the flag as typed
+    (``--smoe-max-passes``). Also a ``ValueError``, as these checks raised before."""
+
+
+class UserExit(SystemExit):
+    """What :func:`cli` raises after printing a :class:`UserError`: exit status 1, and
+    ``str()`` gives the printed line (so ``pytest.raises(SystemExit, match=...)`` sees it)."""
+
+    def __init__(self, line: str):
+        super().__init__(EXIT_USER_ERROR)
+        self.line = line
+
+    def __str__(self):
+        return self.line
 
 
 def user_error_in(exc):
@@ -38,16 +58,25 @@ def user_error_in(exc):
     return None
 
 
-def report(err, prog=None):
-    """Print ``err`` as the one ``error:`` line (``prog: error: ...`` when a program name is given)."""
+def line(err, prog=None) -> str:
+    """``err`` as the one ``error:`` line (``prog: error: ...`` when a program name is given)."""
     prefix = f"{prog}: error:" if prog else "error:"
     text = " ".join(str(err).split("\n")).strip()
-    print(f"{prefix} {text}", file=sys.stderr, flush=True)
+    return f"{prefix} {text}"
 
 
-def cli(main=None, *, prog=None):
+def report(err, prog=None) -> str:
+    """Print ``err`` as the one ``error:`` line on stderr; return the line."""
+    text = line(err, prog)
+    print(text, file=sys.stderr, flush=True)
+    return text
+
+
+def cli(main=None, *, prog=None, returns=False):
     """Decorate an entry point's ``main(argv=None)``: a :class:`UserError` becomes one ``error:``
-    line and exit status 1; the return value of ``main`` is returned unchanged."""
+    line on stderr and exit status 1 (:class:`UserExit`; with ``returns=True``, for mains whose
+    status is their return value, ``main`` returns 1 instead). Otherwise the return value of
+    ``main`` is returned unchanged, and any other exception (a bug) propagates with its traceback."""
 
     def wrap(fn):
         @functools.wraps(fn)
@@ -55,12 +84,35 @@ def cli(main=None, *, prog=None):
             try:
                 return fn(*args, **kwargs)
             except UserError as err:
-                report(err, prog)
-                raise SystemExit(EXIT_USER_ERROR) from None
+                text = report(err, prog)
+                if returns:
+                    return EXIT_USER_ERROR
+                raise UserExit(text) from None
 
         return wrapped
 
     return wrap(main) if main is not None else wrap
+
+
+_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*): ?(.*)$")
+
+
+def user_error_in_trace(trace: str):
+    """The message of the last :class:`UserError` named in a formatted traceback (what
+    ``torch.multiprocessing.spawn`` hands the parent of a failed worker), or None."""
+    lines = trace.rstrip("\n").split("\n")
+    for i in range(len(lines) - 1, -1, -1):
+        m = _EXC_LINE.match(lines[i])
+        if not m or "." not in m.group(1):
+            continue
+        module, _, name = m.group(1).rpartition(".")
+        try:
+            kind = getattr(importlib.import_module(module), name)
+        except Exception:  # not an importable class: not ours
+            continue
+        if isinstance(kind, type) and issubclass(kind, UserError):
+            return "\n".join([m.group(2), *lines[i + 1:]])
+    return None
 
 
 def install_excepthook():
@@ -72,6 +124,8 @@ def install_excepthook():
 
     def hook(kind, value, tb):
         err = user_error_in(value)
+        if err is None and kind.__name__ == "ProcessRaisedException":  # a worker of fairseq's spawn
+            err = user_error_in_trace(str(value))
         if err is not None:
             report(err)
         else:

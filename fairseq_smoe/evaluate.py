@@ -38,11 +38,11 @@ import sys
 import time
 from typing import Dict, NamedTuple
 
+import numpy as np
 import sacrebleu
 import torch
 
-from . import benchmarks, report
-from .checkpoint_io import CheckpointError
+from . import benchmarks, errors, report
 from .translator import (
     PATH_FLAGS, SEED, SMoETranslator, TranslatorError, routing_record, seeded, training_task_config,
 )
@@ -53,9 +53,14 @@ class EvaluationError(TranslatorError):
 
 
 def read_lines(path):
-    """Lines split on '\n' only, as data_prep counts them (a CR before the LF is dropped)."""
-    with open(path, encoding="utf-8", newline="\n") as f:
-        return [line.rstrip("\n").removesuffix("\r") for line in f]
+    """Lines split on '\n' only, as data_prep counts them (a CR before the LF is dropped); text
+    that is not UTF-8 is refused naming the file and the line."""
+    from .data_checks import DataError, read_lines as read_utf8_lines
+
+    try:
+        return read_utf8_lines(path)
+    except DataError as err:
+        raise EvaluationError(str(err)) from None
 
 
 def task_args(checkpoint):
@@ -69,6 +74,55 @@ def task_args(checkpoint):
         raise EvaluationError(str(err)) from err
     training_task_config(state, checkpoint)
     return state
+
+
+def check_decoding_args(beam, max_tokens, max_passes=None):
+    """The decoding options' domains, checked before anything is loaded or written."""
+    if beam is not None and beam < 1:
+        raise EvaluationError(f"--beam {beam}: the beam size must be at least 1 (1: greedy decoding)")
+    if max_tokens is not None and max_tokens < 1:
+        raise EvaluationError(f"--max-tokens {max_tokens}: a batch must hold at least one token; give a "
+                              f"positive number (default 4096)")
+    if max_passes is not None and max_passes < 1:
+        raise EvaluationError(f"--smoe-max-passes {max_passes}: give a pass budget K in 1..L (L: the "
+                              f"model's strata), or leave it out for the model as trained")
+
+
+def check_max_passes(state, checkpoint, max_passes):
+    """``--smoe-max-passes K`` must be within the strata of the checkpoint's model."""
+    if max_passes is None:
+        return
+    from .cost import stock_model
+    from .modules.config import parse_strata
+
+    args = state["cfg"]["model"] if state.get("cfg") is not None else state.get("args")
+    stock = stock_model(args)
+    if stock is None and getattr(args, "moe_freq", 0) <= 0:
+        stock = "a dense smoe_transformer model (--moe-freq 0)"
+    if stock is not None:
+        raise EvaluationError(f"--smoe-max-passes {max_passes}: {checkpoint} is {stock}; it has no strata "
+                              f"passes to cap (leave the flag out)")
+    strata = parse_strata(getattr(args, "smoe_strata", ""), args.moe_expert_count)
+    if max_passes > len(strata):
+        raise EvaluationError(f"--smoe-max-passes {max_passes}: {checkpoint} has {len(strata)} strata "
+                              f"(--smoe-strata {','.join(map(str, strata))}); give K in 1..{len(strata)}")
+
+
+def check_max_tokens(dataset, max_tokens, direction, raw_src):
+    """Every test sentence must fit one batch of ``--max-tokens`` (fairseq counts a sentence pair
+    as its longer side, language tag and end-of-sentence included); else name the first too long
+    and the smallest value that works, instead of fairseq's bare assertion."""
+    sizes = np.asarray(dataset.sizes)
+    tokens = sizes.max(axis=1) if sizes.ndim == 2 else sizes
+    if len(tokens) == 0 or int(tokens.max()) <= max_tokens:
+        return
+    first = int(np.flatnonzero(tokens > max_tokens)[0])
+    raise EvaluationError(
+        f"--max-tokens {max_tokens} is below the length of test sentence {direction} line {first + 1} "
+        f"({raw_src}: {int(tokens[first])} tokens, language tag and end of sentence included; "
+        f"{int((tokens > max_tokens).sum())} sentences of {direction} are longer): a batch must hold a "
+        f"whole sentence. Use --max-tokens {int(tokens.max())} or more"
+    )
 
 
 def strata_passes(model, net_input, totals):
@@ -187,6 +241,7 @@ def write_tables(rows, out_dir, notes=()):
 def evaluate(checkpoint, data_dir, out_dir, beam=5, lenpen=1.0, max_tokens=4096, cpu=None, flores200_spm=None,
              task_paths=None, max_passes=None):
     checkpoint, data_dir, out_dir = str(checkpoint), str(data_dir), str(out_dir)
+    check_decoding_args(beam, max_tokens, max_passes)
     cpu = (not torch.cuda.is_available()) if cpu is None else cpu
     data_bin = os.path.join(data_dir, "data-bin")
     pairs_file = os.path.join(data_dir, "lang_pairs.txt")
@@ -196,8 +251,17 @@ def evaluate(checkpoint, data_dir, out_dir, beam=5, lenpen=1.0, max_tokens=4096,
             raise EvaluationError(f"{needed} is missing; prepare DATA_DIR with scripts/prepare_data.sh")
     directions = [d for d in read_lines(pairs_file)[0].split(",") if d]
     started = time.perf_counter()
+    state = task_args(checkpoint)
+    check_max_passes(state, checkpoint, max_passes)
     translator = SMoETranslator(checkpoint, data_dir, device="cpu" if cpu else "cuda", max_tokens=max_tokens,
-                                task_paths=task_paths, max_passes=max_passes, state=task_args(checkpoint))
+                                task_paths=task_paths, max_passes=max_passes, state=state)
+    for direction in directions:  # every direction's test set fits a batch, before anything is decoded
+        src, tgt = direction.split("-")
+        task = translator.task(src, tgt)
+        if "test" not in task.datasets:  # fairseq's multilingual task cannot load a split twice
+            task.load_dataset("test")
+        check_max_tokens(task.dataset("test"), max_tokens, direction,
+                         os.path.join(data_dir, "raw", f"test.{direction}.{src}"))
     os.makedirs(out_dir, exist_ok=True)
     spbleu_problem = flores200_ready(flores200_spm)
     if spbleu_problem:
@@ -239,6 +303,7 @@ def add_decoding_args(p):
     p.add_argument("--cpu", action="store_true", default=None, help="decode on CPU (default: when no GPU)")
 
 
+@errors.cli
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_decoding_args(p)
@@ -252,11 +317,8 @@ def main(argv=None):
                        f"if it has moved (decoding always uses the training task's setting)")
     a = p.parse_args(argv)
     moved = {flag: getattr(a, flag) for flag in PATH_FLAGS if getattr(a, flag) is not None}
-    try:
-        _, table = evaluate(a.checkpoint, a.data_dir, a.out_dir, a.beam, a.lenpen, a.max_tokens, a.cpu,
-                            a.flores200_spm, task_paths=moved, max_passes=a.smoe_max_passes)
-    except (TranslatorError, CheckpointError) as err:
-        sys.exit(f"error: {err}")
+    _, table = evaluate(a.checkpoint, a.data_dir, a.out_dir, a.beam, a.lenpen, a.max_tokens, a.cpu,
+                        a.flores200_spm, task_paths=moved, max_passes=a.smoe_max_passes)
     print(table)
 
 

@@ -14,6 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from . import errors
 from .errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -42,7 +43,11 @@ def load_config(name: str, _seen=()) -> tuple:
     if path in _seen:
         raise RecipeError(f"{path} includes itself")
     args, settings = [], {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
+    for n, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
@@ -57,17 +62,27 @@ def load_config(name: str, _seen=()) -> tuple:
             raise RecipeError(f"{path}:{n}: unknown directive {line!r} "
                               f"(known: '@include FILE', '@global-batch-tokens N')")
         else:
-            args += shlex.split(line)
+            try:
+                args += shlex.split(line)
+            except ValueError as err:  # shlex: "No closing quotation", "No escaped character"
+                raise RecipeError(f"{path}:{n}: {err.args[0] if err.args else err} in {line!r}; quote "
+                                  f"flag values as on a shell command line") from None
     return args, settings
 
 
 def training_flags(name: str, world_size: int = 1, log=None) -> list:
     """A config's flags for ``world_size`` workers, with ``--update-freq`` derived from
     ``@global-batch-tokens`` (the arithmetic goes to ``log``)."""
+    if not isinstance(world_size, int) or world_size < 1:
+        raise RecipeError(f"--world-size {world_size}: the number of training workers must be at least 1")
     args, settings = load_config(name)
     target = settings.get("global_batch_tokens")
     if target:
-        max_tokens = int(flag_value(args, "--max-tokens", 0))
+        value = flag_value(args, "--max-tokens", 0)
+        try:
+            max_tokens = int(value)
+        except ValueError:
+            raise RecipeError(f"{name}: --max-tokens {value!r} is not an integer") from None
         if max_tokens <= 0:
             raise RecipeError(f"{name}: @global-batch-tokens needs --max-tokens in the config")
         update_freq = max(1, -(-target // (world_size * max_tokens)))
@@ -90,6 +105,7 @@ def flag_value(args: list, flag: str, default=None):
     return value
 
 
+@errors.cli
 def main(argv=None):
     import argparse
 
@@ -97,10 +113,7 @@ def main(argv=None):
     p.add_argument("config", help="e.g. m4/smoe-2-2-2-2, or a path to a .conf file")
     p.add_argument("--world-size", type=int, default=1, help="number of training workers (GPUs)")
     a = p.parse_args(argv)
-    try:
-        flags = training_flags(a.config, a.world_size, log=lambda m: print(m, file=sys.stderr))
-    except RecipeError as err:
-        sys.exit(f"error: {err}")
+    flags = training_flags(a.config, a.world_size, log=lambda m: print(m, file=sys.stderr))
     print("\n".join(flags))
 
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import benchmarks
+from . import errors
 from .errors import UserError
 
 
@@ -612,6 +613,7 @@ def significance_table(bench, sig, seeds=False):
     return text + "".join(f"\n* {n}" for n in notes) + "\n"
 
 
+@errors.cli
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("bench", choices=benchmarks.names())
@@ -631,24 +633,21 @@ def main(argv=None):
     a = p.parse_args(argv)
     bench = benchmarks.get(a.bench)
     metric = a.metric or bench.metric
-    try:
-        if a.data and not a.baseline:
-            raise ReportError("--data is only used with --baseline SYSTEM")
-        if a.paired_bs_n < 1:
-            raise ReportError(f"--paired-bs-n must be at least 1 (sacreBLEU's default: {PAIRED_BS_N})")
-        if not 0 < a.alpha < 1:
-            raise ReportError(f"--alpha {a.alpha} is not a significance level between 0 and 1 (default {ALPHA})")
-        if a.jobs < 1:
-            raise ReportError("--jobs must be at least 1")
-        systems = [load_system(name, paths) for name, paths in group_systems(a.results, a.seeds)]
-        text = comparison_table(bench, systems, metric, a.allow_partial, a.seeds)
-        if a.baseline:
-            sig = paired_bootstrap(bench, systems, a.baseline, metric, a.data, a.paired_bs_n, a.alpha,
-                                   progress=True, jobs=a.jobs)
-            text += "\n" + significance_table(bench, sig, a.seeds)
-        print(text)
-    except ReportError as err:
-        sys.exit(f"error: {err}")
+    if a.data and not a.baseline:
+        raise ReportError("--data is only used with --baseline SYSTEM")
+    if a.paired_bs_n < 1:
+        raise ReportError(f"--paired-bs-n must be at least 1 (sacreBLEU's default: {PAIRED_BS_N})")
+    if not 0 < a.alpha < 1:
+        raise ReportError(f"--alpha {a.alpha} is not a significance level between 0 and 1 (default {ALPHA})")
+    if a.jobs < 1:
+        raise ReportError("--jobs must be at least 1")
+    systems = [load_system(name, paths) for name, paths in group_systems(a.results, a.seeds)]
+    text = comparison_table(bench, systems, metric, a.allow_partial, a.seeds)
+    if a.baseline:
+        sig = paired_bootstrap(bench, systems, a.baseline, metric, a.data, a.paired_bs_n, a.alpha,
+                               progress=True, jobs=a.jobs)
+        text += "\n" + significance_table(bench, sig, a.seeds)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ import time
 
 import torch
 
+from fairseq_smoe import errors
+
 
 def timed(fns, reps):
     """{name: min seconds} over ``reps`` interleaved rounds after one warm-up call each."""
@@ -85,6 +87,7 @@ def prepacked_rows(d, ffn, reps, rows):
     return out
 
 
+@errors.cli
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=1)

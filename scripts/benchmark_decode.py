@@ -28,6 +28,8 @@ from collections import defaultdict
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
+from fairseq_smoe import errors  # noqa: E402
+
 PARTS = ("encoder", "self_attn", "cross_attn", "ffn", "output")
 
 
@@ -84,6 +86,7 @@ def instrument(model, timer):
     timer.hook(model.decoder.output_projection, "output")
 
 
+@errors.cli
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("data_dir")

@@ -39,6 +39,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from fairseq_smoe import errors  # noqa: E402
 from fairseq_smoe.modules import SMoEBlock, SMoEConfig  # noqa: E402
 from fairseq_smoe.modules.expert_parallel import ExpertParallel  # noqa: E402
 
@@ -243,6 +244,7 @@ def table(results) -> str:
     return "\n".join(rows)
 
 
+@errors.cli
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="m4-4-4,m15-4-12")

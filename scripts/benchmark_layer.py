@@ -65,6 +65,7 @@ from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from fairseq_smoe import errors  # noqa: E402
 from fairseq_smoe.modules import SMoEBlock, SMoEConfig  # noqa: E402
 from fairseq_smoe.modules.routing import balance_loss, expert_capacity, select_experts  # noqa: E402
 from fairseq_smoe.modules.stats import BlockStats  # noqa: E402
@@ -457,6 +458,7 @@ def table(results) -> str:
     return "\n".join(lines)
 
 
+@errors.cli
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))

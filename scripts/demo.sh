@@ -21,9 +21,12 @@ case "${DEMO_DATA:-bible}" in
   *) echo "error: DEMO_DATA must be bible or fixture, not '$DEMO_DATA'" >&2; exit 2 ;;
 esac
 
+# an assignment of its own, checked (a substitution inside the command's arguments is not)
+HOURS=$(python -c 'import sys; m = float(sys.argv[1]); assert m > 0; print(m / 60)' "$MINUTES" 2>/dev/null) \
+  || { echo "error: DEMO_MINUTES must be a positive number of minutes, not '$MINUTES'" >&2; exit 2; }
 rm -rf "$OUT/checkpoints"  # a fresh run each time (fairseq would otherwise resume)
 bash scripts/train.sh demo/smoe-tiny "$DATA" "$OUT/checkpoints" \
-  --max-update 1000000 --stop-time-hours "$(python -c "print($MINUTES / 60)")" \
+  --max-update 1000000 --stop-time-hours "$HOURS" \
   --no-epoch-checkpoints --validate-interval-updates 500 --save-interval-updates 500 \
   --keep-interval-updates 1 --log-format simple --log-interval 100
 

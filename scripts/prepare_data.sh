@@ -10,7 +10,8 @@ set -euo pipefail
 if [ $# -lt 2 ]; then sed -n '2,/^[^#]/{/^#/p}' "$0" >&2; exit 2; fi
 BENCH=$1
 shift
-export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"  # data_prep without an install
+ROOT=$(cd "$(dirname "$0")/.." && pwd)  # an assignment of its own: `export X=$(...)` hides a failure
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # data_prep without an install
 case "$BENCH" in
   bible) exec python -m data_prep.bible_benchmark "$@" ;;
   m15) exec python -m data_prep.nllb_m15 "$@" --subset m15 ;;

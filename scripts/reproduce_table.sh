@@ -16,5 +16,6 @@
 # chrf, chrf++ or spbleu.
 set -euo pipefail
 if [ $# -lt 2 ]; then sed -n '2,/^[^#]/{/^#/p}' "$0" >&2; exit 2; fi
-export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
+ROOT=$(cd "$(dirname "$0")/.." && pwd)  # an assignment of its own: `export X=$(...)` hides a failure
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 exec python -m fairseq_smoe.report "$@"

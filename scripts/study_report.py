@@ -33,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fairseq_smoe import errors  # noqa: E402
+
 MAIN = ("dense", "moe", "smoe", "smoe-paper")
 
 # The study document's prose, above the generated tables. It describes the committed runs
@@ -292,11 +294,21 @@ def mean_scores(eval_dir: Path):
     return means
 
 
+class StudyError(errors.UserError):
+    pass
+
+
+@errors.cli
 def main(argv=None):
-    out = Path((argv or sys.argv[1:])[0])
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        raise StudyError("usage: python scripts/study_report.py OUT_DIR (the folder scripts/study_small_scale.sh wrote)")
+    out = Path(argv[0])
+    if not out.is_dir():
+        raise StudyError(f"{out} is not a directory (expected the OUT_DIR of scripts/study_small_scale.sh)")
     runs = [p.name for p in sorted(out.iterdir()) if (p / "train.log").exists()]
     if not runs:
-        sys.exit(f"error: no run in {out} (expected <run>/train.log from scripts/study_small_scale.sh)")
+        raise StudyError(f"no run in {out} (expected <run>/train.log from scripts/study_small_scale.sh)")
     logs = {r: parse_log(out / r / "train.log") for r in runs}
     flops = {r: flops_curve(out, r, logs[r][1]) for r in runs}
 

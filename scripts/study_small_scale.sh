@@ -124,7 +124,10 @@ run_one() {
   fi
   if [ "$dial" = 1 ] && [ ! -e "$dir/eval" ]; then
     # the dial's K = L decode is the model as trained (tests/test_dial.py: identical outputs)
-    ln -s "$(cd "$dir/dial" && ls -d K* | sort -V | tail -1)" "$dir/dial/as-trained"
+    local last
+    last=$(cd "$dir/dial" && ls -d K* | sort -V | tail -1) || last=
+    [ -n "$last" ] || { echo "  dial of $name wrote no K* folder: see $dir/dial.log" >&2; return 1; }
+    ln -s "$last" "$dir/dial/as-trained"
     ln -s dial/as-trained "$dir/eval"
   fi
   if [ "$eval" = 1 ] && [ ! -f "$dir/eval/scores.csv" ]; then
@@ -138,7 +141,8 @@ export OUT VALID_EVERY VALID_STEPS
 
 # xargs runs JOBS at a time; one failed run does not stop the others (they are reported)
 status=0
-tr '\n' '\0' <"$OUT/runs.txt" | xargs -0 -P "$JOBS" -I{} bash -c 'run_one "$1"' _ {} || status=$?
+# (each run in its own bash: set -e and pipefail are not inherited, so they are set there again)
+tr '\n' '\0' <"$OUT/runs.txt" | xargs -0 -P "$JOBS" -I{} bash -c 'set -euo pipefail; run_one "$1"' _ {} || status=$?
 python scripts/study_report.py "$OUT" || status=1
 echo "study: done (status $status); see $OUT/study.md" >&2
 exit $status

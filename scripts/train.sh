@@ -57,7 +57,11 @@ if [ "$LAUNCHER" = slurm ] && [[ " $* " != *" --distributed-port "* ]]; then
   DEVICE_FLAGS+=(--distributed-port "${MASTER_PORT:-$((10000 + ${SLURM_JOB_ID:-0} % 50000))}")
 fi
 
-mapfile -t FLAGS < <(python -m fairseq_smoe.recipes "$CONFIG" --world-size "$WORLD")
+# the recipe's flags, one per line; read into a variable first so that a recipe the tool cannot
+# parse stops here with its `error:` line (a process substitution would lose its exit status)
+RECIPE=$(python -m fairseq_smoe.recipes "$CONFIG" --world-size "$WORLD") || exit $?
+FLAGS=()
+if [ -n "$RECIPE" ]; then mapfile -t FLAGS <<<"$RECIPE"; fi
 if [ "${DEVICE_FLAGS[0]:-}" = "--cpu" ]; then
   # the paper's recipes train in fp16, which fairseq can only do on a GPU
   KEEP=()

@@ -14,6 +14,7 @@ from fairseq.models.transformer import (
     base_architecture,
 )
 
+from ..errors import ConfigError
 from ..modules.cmr import CMRBlock
 from ..modules.config import RESIDUAL_MODES, SECOND_EXPERT_POLICIES, SMoEConfig, parse_strata
 from ..modules.layers import SMoEDecoderLayer, SMoEEncoderLayer
@@ -55,7 +56,7 @@ def parse_widths(spec):
     try:
         return tuple(int(f) for f in str(spec).split(","))
     except ValueError:
-        raise ValueError(
+        raise ConfigError(
             f"--smoe-strata-ffn {spec!r} is not a comma-separated list of integers; give one FFN "
             f"width per stratum, e.g. --smoe-strata-ffn 256,768"
         ) from None
@@ -65,10 +66,10 @@ def check_flags(args) -> None:
     """Fail fast, at model build time and before any data is read, on flags outside their
     domain or that cannot form an SMoE model; each message names the flag."""
     if args.moe_freq is None or args.moe_freq < 0:
-        raise ValueError(f"--moe-freq must be >= 0 (0 = a dense model), got {args.moe_freq}")
+        raise ConfigError(f"--moe-freq must be >= 0 (0 = a dense model), got {args.moe_freq}")
     layers = max(args.encoder_layers, args.decoder_layers)
     if args.moe_freq > layers:
-        raise ValueError(
+        raise ConfigError(
             f"--moe-freq {args.moe_freq} makes no layer an SMoE block: the model has "
             f"{args.encoder_layers} encoder and {args.decoder_layers} decoder layers and layer i "
             f"(1-based) is one when i % {args.moe_freq} == 0. Use --moe-freq 1..{layers}, or "
@@ -76,9 +77,9 @@ def check_flags(args) -> None:
         )
     for flag in ("scale_fc", "scale_resids"):
         if getattr(args, flag, False):
-            raise ValueError(f"--{flag.replace('_', '-')} is not supported by SMoE layers")
+            raise ConfigError(f"--{flag.replace('_', '-')} is not supported by SMoE layers")
     if getattr(args, "offload_activations", False) and args.moe_freq > 0:
-        raise ValueError(
+        raise ConfigError(
             "--offload-activations is not supported with SMoE layers (their activation "
             "checkpointing keeps the routing statistics' gradients; fairseq's offloading wrapper "
             "would drop them): use --checkpoint-activations alone"
@@ -94,25 +95,25 @@ def check_expert_parallel(args, cfg) -> None:
     import torch.distributed as dist
 
     if args.moe_ep_timeout is None or args.moe_ep_timeout <= 0:
-        raise ValueError(f"--moe-ep-timeout must be > 0 seconds, got {args.moe_ep_timeout}")
+        raise ConfigError(f"--moe-ep-timeout must be > 0 seconds, got {args.moe_ep_timeout}")
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if world == 1:
         return  # one process: every expert is local, the flag changes nothing
     experts = cfg.num_experts // cfg.stack
     ep_layout(experts, world, 0)  # raises with E, W and the valid world sizes
     if len(cfg.expert_widths()) > 1:
-        raise ValueError("--moe-expert-parallel cannot be combined with --smoe-strata-ffn (experts of "
+        raise ConfigError("--moe-expert-parallel cannot be combined with --smoe-strata-ffn (experts of "
                          "different widths): give every stratum the same FFN width")
     ddp = getattr(args, "ddp_backend", "legacy_ddp")
     if ddp not in ("legacy_ddp", "no_c10d"):
-        raise ValueError(
+        raise ConfigError(
             f"--moe-expert-parallel needs --ddp-backend legacy_ddp (got {ddp}): it must not "
             f"all-reduce the expert parameters, which differ between ranks"
         )
     half = "--fp16" if getattr(args, "fp16", False) else "--bf16" if getattr(args, "bf16", False) else None
     if half and not (getattr(args, "fp16_no_flatten_grads", False) or getattr(args, "memory_efficient_fp16", False)
                      or getattr(args, "memory_efficient_bf16", False)):
-        raise ValueError(
+        raise ConfigError(
             f"--moe-expert-parallel with {half} needs --fp16-no-flatten-grads (scripts/train.sh adds it): "
             f"fairseq's FP16Optimizer otherwise keeps every parameter in one flat fp32 buffer, whose "
             f"gradient norm would mix this rank's experts into the shared parameters' (the ranks disagree "

@@ -3,6 +3,8 @@
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+from ..errors import ConfigError
+
 SECOND_EXPERT_POLICIES = ("sampling", "all", "random")
 RESIDUAL_MODES = ("official", "paper")
 
@@ -13,7 +15,7 @@ def parse_strata(spec: Optional[str], num_experts: int) -> Tuple[int, ...]:
     An empty spec means a single stratum holding every expert (vanilla MoE).
     """
     if num_experts is None or num_experts < 1:
-        raise ValueError(
+        raise ConfigError(
             f"--moe-expert-count must be a positive integer, got {num_experts!r}"
         )
     if spec is None or str(spec).strip() == "":
@@ -21,16 +23,16 @@ def parse_strata(spec: Optional[str], num_experts: int) -> Tuple[int, ...]:
     try:
         strata = tuple(int(s) for s in str(spec).split(","))
     except ValueError:
-        raise ValueError(
+        raise ConfigError(
             f"--smoe-strata {spec!r} is not a comma-separated list of integers; "
             f"write the experts per stratum in order, e.g. --smoe-strata 4,12"
         ) from None
     if any(n < 1 for n in strata):
-        raise ValueError(
+        raise ConfigError(
             f"--smoe-strata {spec!r}: every stratum needs at least one expert"
         )
     if sum(strata) != num_experts:
-        raise ValueError(
+        raise ConfigError(
             f"--smoe-strata {spec!r} sums to {sum(strata)} experts but "
             f"--moe-expert-count is {num_experts}; make them agree, e.g. "
             f"--moe-expert-count {sum(strata)} --smoe-strata {spec}"
@@ -65,62 +67,62 @@ class SMoEConfig:
 
     def __post_init__(self):
         if self.embed_dim < 1 or self.ffn_dim < 1:
-            raise ValueError("SMoE block needs positive embed and FFN dims")
+            raise ConfigError("SMoE block needs positive embed and FFN dims")
         if not self.strata or any(n < 1 for n in self.strata):
-            raise ValueError(f"invalid strata {self.strata}")
+            raise ConfigError(f"invalid strata {self.strata}")
         if self.second_expert_policy not in SECOND_EXPERT_POLICIES:
-            raise ValueError(
+            raise ConfigError(
                 f"--moe-second-expert-policy must be one of {SECOND_EXPERT_POLICIES}, "
                 f"got {self.second_expert_policy!r}"
             )
         if self.residual not in RESIDUAL_MODES:
-            raise ValueError(
+            raise ConfigError(
                 f"--smoe-residual must be one of {RESIDUAL_MODES}, got {self.residual!r}"
             )
         if not 0.0 <= self.eom < 1.0:
-            raise ValueError(f"--moe-eom must be in [0, 1), got {self.eom}")
+            raise ConfigError(f"--moe-eom must be in [0, 1), got {self.eom}")
         if self.capacity_factor <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"--moe-capacity-factor must be > 0, got {self.capacity_factor}"
             )
         f = self.eval_capacity_token_fraction
         if f is not None and not 0 < f <= 1:
-            raise ValueError(
+            raise ConfigError(
                 f"--moe-eval-capacity-token-fraction must be in (0, 1] (capacity per expert = "
                 f"ceil(F * tokens); an expert never gets more than every token), got {f}; omit it "
                 f"for unlimited capacity at evaluation (the default: nothing dropped)"
             )
         if self.dropless and f is not None:
-            raise ValueError(
+            raise ConfigError(
                 f"--moe-dropless never drops an assignment, but --moe-eval-capacity-token-fraction "
                 f"{f} asks for a capacity at evaluation; drop one of the two flags"
             )
         if self.strata_ffn is not None:
             if len(self.strata_ffn) != self.num_strata:
-                raise ValueError(
+                raise ConfigError(
                     f"--smoe-strata-ffn gives {len(self.strata_ffn)} widths for "
                     f"{self.num_strata} strata ({','.join(map(str, self.strata))}): give one FFN "
                     f"width per stratum, e.g. --smoe-strata-ffn {','.join([str(self.ffn_dim)] * self.num_strata)}"
                 )
             if any(f < 1 for f in self.strata_ffn):
-                raise ValueError(f"--smoe-strata-ffn widths must be positive, got {','.join(map(str, self.strata_ffn))}")
+                raise ConfigError(f"--smoe-strata-ffn widths must be positive, got {','.join(map(str, self.strata_ffn))}")
             if self.stack > 1:
-                raise ValueError("--smoe-strata-ffn sets the widths of SMoE strata; it cannot be combined with --moe-stack")
+                raise ConfigError("--smoe-strata-ffn sets the widths of SMoE strata; it cannot be combined with --moe-stack")
         if self.stack < 1:
-            raise ValueError(f"--moe-stack must be >= 1, got {self.stack}")
+            raise ConfigError(f"--moe-stack must be >= 1, got {self.stack}")
         if self.stack > 1 and self.num_strata > 1:
-            raise ValueError(
+            raise ConfigError(
                 f"--moe-stack {self.stack} stacks plain MoE layers; it cannot be combined with "
                 f"--smoe-strata (got strata {','.join(map(str, self.strata))})"
             )
         if self.num_experts % self.stack != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"--moe-stack {self.stack} splits the {self.num_experts} experts of "
                 f"--moe-expert-count evenly over the stacked layers; "
                 f"{self.num_experts} is not divisible by {self.stack}"
             )
         if not 0.0 <= self.cmr_gate_drop < 1.0:
-            raise ValueError(f"--cmr-gate-drop must be in [0, 1), got {self.cmr_gate_drop}")
+            raise ConfigError(f"--cmr-gate-drop must be in [0, 1), got {self.cmr_gate_drop}")
 
     @property
     def num_experts(self) -> int:

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..errors import ConfigError
 from .host_sync import read_to_host
 
 DEFAULT_TIMEOUT_S = 300
@@ -120,7 +121,7 @@ def ep_layout(num_experts: int, world_size: int, rank: int) -> Layout:
     """The expert layout of ``rank`` in a job of ``world_size`` ranks (see the module doc)."""
     E, W = num_experts, world_size
     if not (E % W == 0 or W % E == 0):
-        raise ValueError(
+        raise ConfigError(
             f"--moe-expert-parallel splits the {E} experts of each SMoE block over the {W} ranks "
             f"of the job: W must divide E (E/W experts per rank) or E divide W (each expert "
             f"replicated W/E times); {E} experts and {W} ranks do neither. Valid world sizes for "
