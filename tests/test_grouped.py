@@ -257,6 +257,8 @@ def _spy_grouped_mm(monkeypatch, calls):
 
     def spy(a, b, offs=None, **kw):
         out = real(a, b, offs=offs, **kw)
+        if a.dim() == 2 and b.dim() == 3:  # rows ragged: the rows row-major, any group size
+            calls.append(("2d x 3d", a.stride(-1) == 1))
         if a.dim() == 2 and b.dim() == 2:
             calls.append((a.stride(-1) == 1, b.stride(-1) == 1))
             ends = offs.tolist()
@@ -321,3 +323,19 @@ def test_block_idle_experts_weight_gradients_are_exactly_zero(monkeypatch, backe
         assert torch.isfinite(grad).all() and (grad[~idle].flatten(1) != 0).any(1).all(), n
     if backend == "grouped":
         assert calls
+
+
+def test_rows_ragged_calls_get_row_major_rows(monkeypatch):
+    """Forward and input gradient (2d x 3d): rows given column-major reach the kernel row-major
+    (column-major, torch asserts every group's rows 16-byte aligned, which odd groups are not)."""
+    calls = []
+    _spy_grouped_mm(monkeypatch, calls)
+    x, w, b, gy = data()
+    counts_V = torch.tensor(COUNTS)
+    x_cm, gy_cm = x.t().contiguous().t(), gy.t().contiguous().t()
+    with force_backend("grouped"):
+        y = grouped_linear(x_cm, w, CHUNKS, b, counts_V)
+        gx = grouped_linear_t(gy_cm, w, CHUNKS, counts_V)
+    assert calls == [("2d x 3d", True), ("2d x 3d", True)]
+    torch.testing.assert_close(y, torch.cat(per_expert(lambda e, r: x[r] @ w[e].t() + b[e])))
+    torch.testing.assert_close(gx, torch.cat(per_expert(lambda e, r: gy[r] @ w[e])))

@@ -17,8 +17,9 @@ Two backends, picked per call by ``backend_for``:
   fused, no host sync: the counts are host ints already). On CPU torch 2.13's grouped kernel
   is such a loop too (fp32/bf16/fp16 only, no bias), and measured no faster.
 
-Experts with no rows: the forward and input-gradient layouts (2d x 3d, rows ragged) accept
-empty groups; the weight gradient (2d x 2d, the contraction ragged) accepts them only with
+Experts with no rows: the forward and input-gradient layouts (2d x 3d, rows ragged, the rows
+given row-major: column-major, torch's kernel asserts 16-byte aligned groups) accept empty and
+odd groups; the weight gradient (2d x 2d, the contraction ragged) accepts them only with
 its first operand column-major and its second row-major (torch's ``prepare_grouped_gemm_data``
 asserts non-empty groups for the other three layouts), which ``grouped_weight_grad`` always
 passes; and since what the kernel writes for an empty group is not reliable on every
@@ -126,7 +127,8 @@ def grouped_linear(x_Rk: Tensor, w_Vmk: Tensor, chunks: Chunks, bias_Vm: Optiona
     ``[R, k] -> [R, m]`` (into ``out`` if given)."""
     R, m = x_Rk.size(0), w_Vmk.size(1)
     if backend_for(x_Rk, w_Vmk, chunks, counts_V) == "grouped":
-        y = torch._grouped_mm(x_Rk, w_Vmk.transpose(1, 2), offs=group_offsets(counts_V))
+        # rows ragged: x row-major (column-major, the kernel wants 16-byte aligned groups)
+        y = torch._grouped_mm(_row_major(x_Rk), w_Vmk.transpose(1, 2), offs=group_offsets(counts_V))
         if bias_Vm is not None:
             y += torch.repeat_interleave(bias_Vm, counts_V, dim=0, output_size=R)
         return y if out is None else out.copy_(y)
@@ -146,7 +148,7 @@ def grouped_linear_t(x_Rm: Tensor, w_Vmk: Tensor, chunks: Chunks,
     """``x_e @ w_e`` for every chunk's rows (the input gradient of ``grouped_linear``):
     ``[R, m] -> [R, k]`` (into ``out`` if given)."""
     if backend_for(x_Rm, w_Vmk, chunks, counts_V) == "grouped":
-        y = torch._grouped_mm(x_Rm, w_Vmk, offs=group_offsets(counts_V))
+        y = torch._grouped_mm(_row_major(x_Rm), w_Vmk, offs=group_offsets(counts_V))
         return y if out is None else out.copy_(y)
     out = x_Rm.new_empty(x_Rm.size(0), w_Vmk.size(2)) if out is None else out
     w = w_Vmk.unbind(0)
