@@ -14,6 +14,7 @@ import torch
 
 from fairseq_smoe.modules import SMoEBlock, SMoEConfig
 from fairseq_smoe.modules import grad_reuse
+from fairseq_smoe.modules.cmr import CMRBlock
 from fairseq_smoe.modules.grouped import (
     backend_for,
     fast_grouped_mm,
@@ -24,6 +25,8 @@ from fairseq_smoe.modules.grouped import (
     per_expert,
 )
 from fairseq_smoe.modules.host_sync import HostSyncAudit, cuda_sync_errors, host_reads, read_to_host
+from fairseq_smoe.modules.stacked import StackedMoE
+from fairseq_smoe.modules.stats import SlotStats
 
 pytestmark = [
     pytest.mark.cuda,
@@ -86,13 +89,14 @@ def test_grouped_functions_against_float64_with_odd_and_empty_groups(backend, dt
     counts_V = torch.tensor(COUNTS, device=DEV)
     chunks = per_expert(COUNTS)
     V = len(COUNTS)
-    with force_backend(backend):
+    gw, gb = torch.full_like(w, float("nan")), torch.full_like(b, float("nan"))
+    gw[4], gb[4] = 1.0, 1.0  # idle, with a gradient already: kept
+    fresh = [True] * V
+    fresh[4] = False
+    torch.cuda.synchronize()
+    with force_backend(backend), cuda_sync_errors():  # neither path syncs (torch's fallback would)
         y = grouped_linear(x, w, chunks, b, counts_V)
         gx = grouped_linear_t(gy, w, chunks, counts_V)
-        gw, gb = torch.full_like(w, float("nan")), torch.full_like(b, float("nan"))
-        gw[4], gb[4] = 1.0, 1.0  # idle, with a gradient already: kept
-        fresh = [True] * V
-        fresh[4] = False
         grouped_weight_grad(x, gy, chunks, gw, gb, fresh, counts_V=counts_V)
     torch.cuda.synchronize()
     ry, rgx, rgw, rgb = _reference(x, w, b, gy)
@@ -102,6 +106,28 @@ def test_grouped_functions_against_float64_with_odd_and_empty_groups(backend, dt
     assert rel(gw[busy], rgw[busy]) < tol and rel(gb[busy], rgb[busy]) < tol
     assert (gw[1] == 0).all() and (gb[1] == 0).all()  # idle and fresh: exactly 0, not NaN
     assert (gw[4] == 1).all() and (gb[4] == 1).all()
+
+
+def test_torch_grouped_mm_syncs_or_raises_where_the_gate_says_no():
+    """Why the gate: off its fast kernel, torch's _grouped_mm copies the offsets to the host."""
+    if _fast():
+        pytest.skip("this GPU has torch's fast grouped kernel")
+    x, w, _, _ = _data(torch.bfloat16)
+    offs = torch.tensor(COUNTS, device=DEV).cumsum(0).to(torch.int32)
+    torch.cuda.synchronize()
+    with pytest.raises(RuntimeError), cuda_sync_errors():
+        torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
+
+
+def test_audit_names_real_transfers_on_cuda():
+    x = torch.ones(3, device=DEV)
+    with HostSyncAudit() as audit:
+        torch.ones(3).cuda()
+        torch.ones(3).to(DEV)
+        torch.tensor([1, 2], device=DEV)
+        x.cpu()
+        torch.empty(3).copy_(x)
+    assert audit.seen == ["Tensor.cuda", "Tensor.to(device)", "torch.tensor(device=)", "Tensor.cpu", "aten::copy_"]
 
 
 def test_grouped_bias_gradient_of_4096_rows_is_exact_in_bf16():
@@ -174,21 +200,34 @@ def test_sync_debug_mode_raises_on_a_sync_but_not_on_read_to_host():
     assert torch.cuda.get_sync_debug_mode() == before
 
 
+@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("slot", ["smoe", "stacked", "cmr"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("training", [True, False])
-def test_block_reads_the_host_once_per_pass_under_sync_debug_mode(dtype, training):
+def test_slots_read_the_host_once_per_pass_under_sync_debug_mode(dtype, training, slot, padded):
     """Forward and backward on CUDA: every synchronising call raises but read_to_host's, which
     runs once per pass; HostSyncAudit agrees."""
-    block = _block(dtype, (2, 2, 4)).train(training)
+    torch.manual_seed(0)
+    cfg = SMoEConfig(64, 128, (4,) if slot == "stacked" else (2, 2, 4), second_expert_policy="all",
+                     stack=2 if slot == "stacked" else 1, cmr=slot == "cmr")
+    module = {"smoe": lambda: SMoEBlock(cfg), "stacked": lambda: StackedMoE(cfg),
+              "cmr": lambda: CMRBlock(cfg, SMoEBlock(cfg))}[slot]().to(DEV, dtype).train(training)
     x = torch.randn(9, 4, 64, device=DEV, dtype=dtype, requires_grad=True)
-    pad = torch.zeros(4, 9, dtype=torch.bool, device=DEV)
-    pad[2, 6:] = True
+    pad = None
+    if padded:
+        pad = torch.zeros(4, 9, dtype=torch.bool, device=DEV)
+        pad[2, 6:] = True
     torch.cuda.synchronize()
     before = host_reads()
     with cuda_sync_errors(), HostSyncAudit() as audit:
-        out, stats = block(x, pad, trace=True)
-        (out.float().sum() + stats.aux_loss).backward()
+        out, stats = module(x, pad, trace=True)
+        slot_stats = SlotStats.of(stats)
+        loss = out.float().sum() + sum(b.aux_loss for b in slot_stats.blocks)
+        if slot_stats.cmr is not None:
+            loss = loss + slot_stats.cmr.gate_sum
+        loss.backward()
     torch.cuda.synchronize()
-    assert host_reads() - before == audit.reads == len(stats.trace) >= 2
+    passes = sum(len(b.trace) for b in slot_stats.blocks)
+    assert host_reads() - before == audit.reads == passes >= 1
     assert audit.seen == []
     assert torch.isfinite(x.grad).all()
