@@ -127,7 +127,7 @@ def grouped_linear(x_Rk: Tensor, w_Vmk: Tensor, chunks: Chunks, bias_Vm: Optiona
     ``[R, k] -> [R, m]`` (into ``out`` if given)."""
     R, m = x_Rk.size(0), w_Vmk.size(1)
     if backend_for(x_Rk, w_Vmk, chunks, counts_V) == "grouped":
-        # rows ragged: x row-major (column-major, the kernel wants 16-byte aligned groups)
+        # rows ragged: x row-major (given column-major, the kernel asserts 16-byte aligned groups)
         y = torch._grouped_mm(_row_major(x_Rk), w_Vmk.transpose(1, 2), offs=group_offsets(counts_V))
         if bias_Vm is not None:
             y += torch.repeat_interleave(bias_Vm, counts_V, dim=0, output_size=R)

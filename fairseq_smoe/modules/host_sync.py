@@ -27,8 +27,8 @@ expert rows and find the next strata's tokens). Two ways to hold it to that:
 
   each once, by its outermost name (an operator inside a recorded method is not recorded
   again), in ``seen``; the deliberate reads of ``read_to_host`` go to ``reads`` instead. It does
-  not see transfers inside a kernel (``torch._grouped_mm``'s fallback, which ``grouped.py``
-  never takes) nor ones from code that bypasses the dispatcher; on a CUDA run it counts these
+  not see transfers inside a kernel (``torch._grouped_mm``'s fallback, which ``grouped.py``'s
+  gate keeps out of the block) nor ones from code that bypasses the dispatcher; on a CUDA run it counts these
   operations on CPU tensors too (no transfer there). It sees the backward as well.
 
 * ``cuda_sync_errors`` (CUDA only): ``torch.cuda.set_sync_debug_mode("error")`` while inside,
