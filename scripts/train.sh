@@ -63,11 +63,15 @@ RECIPE=$(python -m fairseq_smoe.recipes "$CONFIG" --world-size "$WORLD") || exit
 FLAGS=()
 if [ -n "$RECIPE" ]; then mapfile -t FLAGS <<<"$RECIPE"; fi
 if [ "${DEVICE_FLAGS[0]:-}" = "--cpu" ]; then
-  # the paper's recipes train in fp16, which fairseq can only do on a GPU
+  # the paper's recipes train in fp16, which fairseq can only do on a GPU: a recipe's GPU
+  # precision flags are dropped here (said, and the run is fp32); --smoe-bf16 works on CPU and
+  # stays. Such flags given on this command line stay too: the plugin refuses them with the fix
+  # (docs/gpu.md)
   KEEP=()
   for f in "${FLAGS[@]}"; do
     case $f in
-      --fp16|--memory-efficient-fp16|--bf16) echo "train.sh: no GPU, dropping $f" >&2 ;;
+      --fp16|--memory-efficient-fp16|--bf16|--memory-efficient-bf16|--amp)
+        echo "train.sh: no GPU, dropping the recipe's $f (training in fp32)" >&2 ;;
       *) KEEP+=("$f") ;;
     esac
   done

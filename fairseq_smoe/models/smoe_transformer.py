@@ -1,8 +1,10 @@
 """``smoe_transformer``: fairseq's Transformer with every ``--moe-freq``-th FFN an SMoE block."""
 
+import importlib.util
 import re
 from typing import List
 
+import torch
 from fairseq import hub_utils
 from fairseq.distributed import fsdp_wrap
 from fairseq.hub_utils import GeneratorHubInterface
@@ -14,13 +16,18 @@ from fairseq.models.transformer import (
     base_architecture,
 )
 
-from ..errors import ConfigError
+from .. import fairseq_patches
+from ..errors import ConfigError, UserError
 from ..modules.cmr import CMRBlock
 from ..modules.config import RESIDUAL_MODES, SECOND_EXPERT_POLICIES, SMoEConfig, parse_strata
 from ..modules.layers import SMoEDecoderLayer, SMoEEncoderLayer
+from ..modules.precision import bf16_autocast, cuda_bf16_capable
 from ..modules.expert_parallel import DEFAULT_TIMEOUT_S, ExpertParallel, apply_job_timeout, ep_layout
 from ..modules.smoe_block import SMoEBlock
 from ..modules.stats import current_record, recording
+
+
+fairseq_patches.install()  # torch DDP of a CPU model (fairseq's default --ddp-backend); see there
 
 
 def smoe_config(args, embed_dim: int, ffn_dim: int) -> SMoEConfig:
@@ -121,6 +128,59 @@ def check_expert_parallel(args, cfg) -> None:
             f"state cannot be split per expert for checkpoints"
         )
     apply_job_timeout(args.moe_ep_timeout)  # fairseq's own all-reduces fail after it too
+
+
+def _training_command(args, task):
+    """The namespace of the command being run when it is a training one, else None. The model's
+    ``args`` are a checkpoint's own at generation (its --fp16 was the training run's), so the
+    task's (the current command's) are read; only the training parser has --max-update."""
+    cmd = getattr(task, "args", None) or args
+    return cmd if hasattr(cmd, "max_update") else None
+
+
+def check_precision(args, task=None) -> None:
+    """Training precision flags that cannot do what they say with this fairseq and device are
+    refused with the fix (docs/gpu.md has the table): fairseq 0.12's --bf16 is its TPU flag,
+    --fp16 needs CUDA (FP16Optimizer), --amp is CUDA-only autocast (on CPU it would silently run
+    fp32), and --smoe-bf16 (the plugin's bf16 path) replaces all three. Generation is not
+    checked: its --fp16/--bf16 cast the model and run on CPU too."""
+    cmd = _training_command(args, task)
+    if cmd is None:
+        return
+    smoe_bf16 = getattr(cmd, "smoe_bf16", False)
+    cuda = torch.cuda.is_available() and not getattr(cmd, "cpu", False)
+    fp16 = "--memory-efficient-fp16" if getattr(cmd, "memory_efficient_fp16", False) else \
+        "--fp16" if getattr(cmd, "fp16", False) else None
+    bf16 = "--memory-efficient-bf16" if getattr(cmd, "memory_efficient_bf16", False) else \
+        "--bf16" if getattr(cmd, "bf16", False) else None
+    amp = "--amp" if getattr(cmd, "amp", False) else None
+    if smoe_bf16 and (fp16 or bf16 or amp):
+        raise UserError(
+            f"--smoe-bf16 cannot be combined with {fp16 or bf16 or amp}: --smoe-bf16 is a precision of its own "
+            f"(bf16 autocast, fp32 weights and optimizer, no loss scaling); drop {fp16 or bf16 or amp}")
+    if bf16 and importlib.util.find_spec("torch_xla") is None:
+        raise UserError(
+            f"{bf16} is fairseq 0.12's TPU flag: it turns on --tpu and asks torch_xla (not installed) for "
+            f"an XLA device. For bf16 training on a GPU (A100, H100: compute capability 8.0+) or on CPU use "
+            f"--smoe-bf16 instead (bf16 autocast with fp32 weights and optimizer, no loss scaling; docs/gpu.md)")
+    where = "--cpu was given" if getattr(cmd, "cpu", False) else "torch sees no CUDA device"
+    if fp16 and not cuda:
+        raise UserError(
+            f"{fp16} needs a CUDA GPU ({where}): fairseq's FP16Optimizer keeps its fp32 master weights "
+            f"on torch.cuda.current_device(). On CPU drop {fp16} (fp32 training), or use --smoe-bf16 for "
+            f"bf16 autocast on CPU")
+    if amp and not cuda:
+        raise UserError(
+            f"--amp needs a CUDA GPU ({where}): it is fairseq's torch.cuda.amp fp16 autocast, which does "
+            f"nothing to a CPU model, so this run would train in fp32. Drop --amp (fp32), or use --smoe-bf16 "
+            f"for bf16 autocast on CPU")
+    if smoe_bf16 and cuda and not cuda_bf16_capable():
+        name = torch.cuda.get_device_name()
+        major, minor = torch.cuda.get_device_capability()
+        raise UserError(
+            f"--smoe-bf16 needs a GPU that computes bf16 (compute capability 8.0+: A100, H100, ...); "
+            f"{name} has {major}.{minor} and would emulate it, far slower than fp16. Use --fp16 or --amp "
+            f"on this GPU instead")
 
 
 def expert_parallel_for(cfg):
@@ -256,6 +316,12 @@ class SMoETransformerModel(TransformerModel):
                             "the experts to rank 0; it loads at any world size like the default "
                             "consolidated file (python -m fairseq_smoe.checkpoints consolidate/"
                             "reshard convert between the two)")
+        parser.add_argument("--smoe-bf16", action="store_true",
+                            help="train with bf16 autocast (torch.autocast, bfloat16) on a GPU of "
+                            "compute capability 8.0+ (A100, H100) or on CPU: weights, gradients and "
+                            "Adam state stay fp32, no loss scaling; validation and generation run in "
+                            "fp32, as with --amp. fairseq 0.12's own --bf16 is its TPU flag and is "
+                            "refused (docs/gpu.md)")
         parser.add_argument("--moe-route-padding", action="store_true",
                             help="route padding tokens like real ones (official behaviour; "
                             "default: padding takes no capacity)")
@@ -274,7 +340,10 @@ class SMoETransformerModel(TransformerModel):
     def build_model(cls, args, task):
         smoe_base_architecture(args)
         check_flags(args)
-        return super().build_model(args, task)
+        check_precision(args, task)
+        model = super().build_model(args, task)
+        model.smoe_bf16 = bool(getattr(args, "smoe_bf16", False))
+        return model
 
     @classmethod
     def build_encoder(cls, cfg, src_dict, embed_tokens):
@@ -288,6 +357,12 @@ class SMoETransformerModel(TransformerModel):
         """fairseq's forward; for a model with MoE slots the decoder's ``extra`` dict gains
         ``"routing"``: the ``RoutingRecord`` of this forward (the statistics of every MoE slot
         that ran, see modules/stats.py). If a record is already open, this forward adds to it."""
+        if getattr(self, "smoe_bf16", False) and self.training:  # --smoe-bf16: training forwards only
+            with bf16_autocast(self.encoder.embed_tokens.weight.device.type, True):
+                return self._forward(*args, **kwargs)
+        return self._forward(*args, **kwargs)
+
+    def _forward(self, *args, **kwargs):
         if not self.has_moe_slots():
             return super().forward(*args, **kwargs)
         record = current_record()
@@ -377,7 +452,7 @@ def smoe_base_architecture(args):
     _default(args, "moe_eom", 0.0)
     _default(args, "smoe_residual", "official")
     for flag in ("moe_top1_expert", "moe_inference_noise", "moe_route_padding", "moe_cmr", "smoe_exit_norm", "moe_dropless",
-                 "smoe_elastic_passes"):
+                 "smoe_elastic_passes", "smoe_bf16"):
         _default(args, flag, False)
     _default(args, "moe_stack", 1)
     _default(args, "moe_expert_parallel", False)

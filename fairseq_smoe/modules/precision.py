@@ -23,3 +23,22 @@ def autocast_off(x: Tensor):
     if torch.is_autocast_enabled(device):
         return torch.autocast(device, enabled=False)
     return nullcontext()
+
+
+def bf16_autocast(device_type: str, enabled: bool):
+    """``--smoe-bf16``: a training forward under ``torch.autocast(device_type, bfloat16)`` (CUDA or
+    CPU), the weights, gradients and optimizer state staying fp32 and no loss scaling (bf16 has
+    fp32's exponent range); a no-op context when not ``enabled``. Nested inside fairseq's own
+    ``torch.cuda.amp.autocast`` it would take precedence, which is why --smoe-bf16 refuses --amp."""
+    if not enabled:
+        return nullcontext()
+    return torch.autocast(device_type, dtype=torch.bfloat16)
+
+
+def cuda_bf16_capable(device=None) -> bool:
+    """Whether this CUDA device computes bf16 natively (compute capability 8.0+: A100, H100, ...;
+    ROCm devices: torch's own answer). torch's ``is_bf16_supported()`` also says True for the
+    emulation on older GPUs, which is far slower than fp16 there."""
+    if getattr(torch.version, "hip", None):
+        return torch.cuda.is_bf16_supported()
+    return torch.cuda.get_device_capability(device)[0] >= 8

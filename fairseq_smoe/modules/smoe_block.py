@@ -17,6 +17,7 @@ tokens at its stratum (pass 0: all rows, padding masked); memory grows with toke
 from typing import List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -83,6 +84,20 @@ class SMoEBlock(nn.Module):
     def pre_norm(self, stratum: int) -> nn.Module:
         return self.ffn_norm if stratum == 0 else self.strata_norms[stratum - 1]
 
+    def _pre_norm_touching_later_strata(self, x_nd: Tensor) -> Tensor:
+        """Stratum 0's pre-norm, its weight passed through ``_TouchIdle`` with the routers and
+        pre-norms of strata 1.. (data-parallel training only): the same values, and an exact
+        zero gradient for each of those parameters on top of whatever the passes give them, so
+        that a step in which no token reaches a stratum still gives every parameter a gradient.
+        torch's DDP (fairseq's default --ddp-backend pytorch_ddp) otherwise stops at the next
+        step with "Expected to have finished reduction in the prior iteration"; legacy_ddp fills
+        a missing gradient with the same zeros."""
+        norm = self.ffn_norm
+        later = [p for s in range(1, self.cfg.num_strata)
+                 for p in (self.routers[s].weight, *self.pre_norm(s).parameters())]
+        weight = _TouchIdle.apply(norm.weight, *later)
+        return F.layer_norm(x_nd, norm.normalized_shape, weight, norm.bias, norm.eps)
+
     def router_logits(self, stratum: int, u_nd: Tensor) -> Tensor:
         """Router logits in fp32 always (also under --fp16/--bf16 and autocast)."""
         with autocast_off(u_nd):
@@ -127,6 +142,7 @@ class SMoEBlock(nn.Module):
         expert_rows = [0] * cfg.num_experts
         passes_trace: Optional[List[PassTrace]] = [] if trace else None
         left_N = self._pass_budget(N, dev)  # passes each row may still make (None: no cap)
+        touch = L > 1 and self.training and torch.is_grad_enabled() and _data_parallel()
 
         for c in range(L):
             # Pass 0 works on all N rows (padding rows are masked, not removed); pass c >= 1
@@ -141,7 +157,10 @@ class SMoEBlock(nn.Module):
                     continue  # no token at this stratum: skip it, as the official loop does
                 idx_n = torch.nonzero_static(state_N == c, size=tokens_at[c]).squeeze(1)
                 x_nd, prio_n = _GatherRows.apply(x_Nd, idx_n), prio_N[idx_n]
-            u_nd = self.pre_norm(c)(x_nd)
+            if c == 0 and touch:
+                u_nd = self._pre_norm_touching_later_strata(x_nd)
+            else:
+                u_nd = self.pre_norm(c)(x_nd)
             plan = plan_pass(
                 self.router_logits(c, u_nd), prio_n, stratum=c, strata=cfg.strata, rule=rule,
                 k=cfg.k, policy=cfg.second_expert_policy, noisy=noisy,
@@ -200,6 +219,26 @@ class SMoEBlock(nn.Module):
             trace=passes_trace, expert_rows=expert_rows,
         )
         return x_Nd.view(T, B, d), stats
+
+
+def _data_parallel() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class _TouchIdle(torch.autograd.Function):
+    """``w`` (a copy; ``[d]``), and a zero gradient for every tensor of ``params`` (see
+    ``SMoEBlock._pre_norm_touching_later_strata``). The zeros do not depend on the parameters'
+    values, so they are exact whatever those hold; they cost one small allocation per parameter
+    (routers ``[visible experts, d]``, norms ``[d]``) per backward."""
+
+    @staticmethod
+    def forward(ctx, w, *params):
+        ctx.like = [(p.shape, p.dtype, p.device) for p in params]
+        return w.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.like))
 
 
 class _GatherRows(torch.autograd.Function):
