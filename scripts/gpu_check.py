@@ -52,6 +52,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fairseq_smoe import errors  # noqa: E402
+
 FIXTURE = ROOT / "tests" / "fixtures" / "bible"
 PLUGIN = str(ROOT / "fairseq_smoe")
 
@@ -526,6 +530,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@errors.cli
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "runs" / "gpu_check"), help="where gpu_check.json and the logs go")
