@@ -374,7 +374,15 @@ class SMoETransformerModel(TransformerModel):
     def set_max_passes(self, k) -> None:
         """The compute dial (``--smoe-max-passes``): evaluation and generation stop every token
         after ``k`` strata passes in every SMoE block (None: no cap)."""
-        for block in self.smoe_blocks("encoder") + self.smoe_blocks("decoder"):
+        blocks = self.smoe_blocks("encoder") + self.smoe_blocks("decoder")
+        strata = max((block.cfg.num_strata for block in blocks), default=0)
+        if k is not None and not 1 <= k <= strata:
+            raise ConfigError(
+                f"--smoe-max-passes {k}: this model has no SMoE block, so there are no passes to cap; leave "
+                f"the flag out" if not blocks else
+                f"--smoe-max-passes {k}: the SMoE blocks of this model have {strata} strata; give a pass "
+                f"budget K in 1..{strata}, or leave the flag out for the model as trained")
+        for block in blocks:
             block.set_max_passes(k)
 
     def has_moe_slots(self) -> bool:
