@@ -33,6 +33,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from . import data_checks
 from .errors import UserError
 
 MULTILINGUAL_TASKS = ("smoe_translation", "translation_multi_simple_epoch")
@@ -258,7 +259,13 @@ class SMoETranslator:
         self._tasks = {}
         first = self.task(*self.lang_pairs[0].split("-"))
         self.languages = list(first.langs)
+        self._sp = self._bpe = None
+        if self.spm_model is not None:  # damaged, or not this dictionary's: refused before decoding
+            self._sp = self._checked(lambda: first.spm_model(self.spm_model))
         self._check_vocabulary(first, state)
+        # the data must be what the model was trained with (task_state's fingerprint)
+        self._task_state = state.get("task_state") or {}
+        self._checked(lambda: first.check_checkpoint_data(self._task_state, self.checkpoint, self.spm_model))
         # the state is passed on (read once), so fairseq's reader, where checkpoint_io checks that
         # the architecture is registered, does not run: check here (raises its CheckpointError)
         from .checkpoint_io import _registration_problem
@@ -273,7 +280,6 @@ class SMoETranslator:
         self.model.to(self.device)
         # what fairseq-generate does before decoding (beam-size independent for transformers)
         self.model.prepare_for_inference_(argparse.Namespace(generation=_generation_config(5, 1.0)))
-        self._sp = self._bpe = None
 
     # --- setup -------------------------------------------------------------------------
 
@@ -323,11 +329,22 @@ class SMoETranslator:
                     raise TranslatorError(f"a language must be a non-empty string, got {lang!r}")
             cfg = copy.deepcopy(self.train_cfg)
             cfg.source_lang, cfg.target_lang = key
-            try:
-                self._tasks[key] = tasks.setup_task(cfg)
-            except (ValueError, FileNotFoundError) as err:
-                raise TranslatorError(str(err)) from err
+            task = self._checked(lambda: tasks.setup_task(cfg))
+            if self._tasks:  # the first task is checked with the checkpoint in __init__
+                self._checked(lambda: task.check_checkpoint_data(self._task_state, self.checkpoint, self.spm_model))
+            self._tasks[key] = task
         return self._tasks[key]
+
+    @staticmethod
+    def _checked(call):
+        """``call()``, its user errors (a task's ValueError/FileNotFoundError, a DataError) as
+        TranslatorError."""
+        try:
+            return call()
+        except (ValueError, FileNotFoundError) as err:
+            if isinstance(err, TranslatorError):
+                raise
+            raise TranslatorError(str(err)) from err
 
     def _check_vocabulary(self, task, state):
         """The dictionary of the data directory, with the language tokens, must be the one the
@@ -351,19 +368,20 @@ class SMoETranslator:
                 f"spm_model=PATH (the model the training data was encoded with)"
             )
         if self._sp is None:
-            import sentencepiece
+            self._sp = self._checked(lambda: data_checks.load_spm(self.spm_model))
+        if self._bpe is None:
             from fairseq.data import encoders
 
-            self._sp = sentencepiece.SentencePieceProcessor(model_file=self.spm_model)
             # fairseq-generate --bpe sentencepiece: the detokenizer of the D- lines
             self._bpe = encoders.build_bpe(argparse.Namespace(bpe="sentencepiece", sentencepiece_model=self.spm_model))
 
     def encode(self, sentences: Sequence[str]) -> List[str]:
         """Raw sentences -> space-separated pieces, exactly as ``data_prep`` binarized the data."""
-        from data_prep.spm_binarize import _clean  # the whitespace normalisation of the data
+        from data_prep.spm_binarize import clean_line  # the whitespace normalisation of the data
 
         self._need_spm()
-        return [" ".join(p) for p in self._sp.encode([_clean(s) for s in sentences], out_type=str)]
+        self._checked(lambda: data_checks.check_text(sentences))
+        return [" ".join(p) for p in self._sp.encode([clean_line(s) for s in sentences], out_type=str)]
 
     def detokenize(self, pieces: str) -> str:
         """Pieces -> text, as ``fairseq-generate --bpe sentencepiece`` writes its D- lines."""
@@ -442,6 +460,7 @@ class SMoETranslator:
             if "\n" in s or "\r" in s:
                 raise TranslatorError(f"sentence {i} contains a line break; pass one sentence per "
                                       f"list item (split the text on its lines first)")
+        SMoETranslator._checked(lambda: data_checks.check_text(sentences))
         return sentences
 
     @torch.no_grad()

@@ -1,6 +1,13 @@
 """``smoe_translation``: fairseq's ``translation_multi_simple_epoch`` plus what a multilingual
 MoE user needs: per-direction validation loss and strata passes, clear errors for missing
-data or language tokens, and no silently dropped last batch."""
+data or language tokens, and no silently dropped last batch.
+
+Data integrity (``fairseq_smoe.data_checks``): dictionaries, binarized files and the
+SentencePiece model next to ``data-bin/`` are checked when opened; ``state_dict()`` saves a
+fingerprint of them in every checkpoint (fairseq-train writes it as ``task_state``) and
+``load_state_dict()``, which fairseq's model loaders call (generate, interactive, analyze, the
+translator), refuses a checkpoint whose data is not this data. Batches refuse a --max-tokens
+below a sentence's length, naming it; an interactive --input file must be UTF-8."""
 
 import os
 
@@ -11,6 +18,7 @@ from fairseq.data.multilingual.multilingual_data_manager import MultilingualData
 from fairseq.tasks import register_task
 from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleEpochTask
 
+from .. import data_checks
 from ..criterions.smoe_label_smoothed_cross_entropy import DIRECTION_KEY
 
 
@@ -44,7 +52,9 @@ class _DatasetManager(MultilingualDatasetManager):
             return merged  # --lang-tok-replacing-bos-eos keeps fairseq's own dataset
         names = self.direction_names
         ids = [names.index(key.split(":", 1)[1]) for key, _ in datasets]
-        return DirectionTaggedDataset([d for _, d in datasets], ids)
+        merged = DirectionTaggedDataset([d for _, d in datasets], ids)
+        merged.direction_names = list(names)  # to name a sentence in an error
+        return merged
 
 
 def keep_every_batch(batches, indices):
@@ -76,7 +86,68 @@ class SMoETranslationTask(TranslationMultiSimpleEpochTask):
     def setup_task(cls, args, **kwargs):
         check_languages(args)
         check_dictionaries(args)
+        source = getattr(args, "input", None)  # fairseq-interactive --input FILE
+        if isinstance(source, str) and source != "-" and os.path.isfile(source):
+            data_checks.check_utf8_file(source, "--input")
         return super().setup_task(args, **kwargs)
+
+    @classmethod
+    def load_dictionary(cls, filename):
+        """fairseq's ``Dictionary.load``, with the file and line named for a damaged entry."""
+        return data_checks.load_dictionary(filename)
+
+    def check_dicts(self, dicts, source_langs, target_langs):
+        """fairseq asserts (no file named) that the languages of one side share a dictionary;
+        with --share-all-embeddings both sides do."""
+        if self.args.source_dict is not None or self.args.target_dict is not None:
+            return
+        groups = [source_langs, target_langs]
+        if getattr(self.args, "share_all_embeddings", False):
+            groups = [list(source_langs) + list(target_langs)]
+        data_checks.check_shared_dictionaries(dicts, groups)
+
+    # --- data fingerprint (see fairseq_smoe.data_checks) -------------------------------
+
+    def spm_model(self, path=None):
+        """The SentencePiece model of this data (``path``, else ``spm.model`` next to
+        ``data-bin/``), loaded and checked against the dictionary; None if there is none."""
+        path = path or data_checks.spm_next_to(self.args.data)
+        if path is None:
+            return None
+        cache = self.__dict__.setdefault("_smoe_spm", {})
+        if path not in cache:
+            sp = data_checks.load_spm(path)
+            data_checks.check_spm_fits(sp, self.source_dictionary)
+            cache[path] = sp
+        return cache[path]
+
+    def data_fingerprint(self, spm_model=None):
+        dicts = {k: d for k, d in self.dicts.items() if hasattr(d, "smoe_file_len")}
+        return data_checks.data_fingerprint(dicts, self.spm_model(spm_model))
+
+    def state_dict(self):
+        return {**super().state_dict(), data_checks.FINGERPRINT_KEY: self.data_fingerprint()}
+
+    def check_checkpoint_data(self, task_state, checkpoint, spm_model=None):
+        """Refuse this task's data for ``checkpoint`` unless it is the data it was trained with
+        (``task_state``: the checkpoint's; a checkpoint without a fingerprint is said once)."""
+        saved = (task_state or {}).get(data_checks.FINGERPRINT_KEY)
+        data_checks.check_fingerprint(saved, self.data_fingerprint(spm_model), checkpoint)
+        self._smoe_data_checked = True
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict or {})
+        saved = state_dict.pop(data_checks.FINGERPRINT_KEY, None)
+        super().load_state_dict(state_dict)
+        if not self.__dict__.pop("_smoe_data_checked", False):
+            self.check_checkpoint_data({data_checks.FINGERPRINT_KEY: saved}, _checkpoint_being_read())
+
+    def build_bpe(self, args):
+        """``--bpe sentencepiece``: the model is checked before anything is decoded."""
+        if getattr(args, "bpe", None) == "sentencepiece" and getattr(args, "sentencepiece_model", None):
+            sp = data_checks.load_spm(args.sentencepiece_model, "--sentencepiece-model")
+            data_checks.check_spm_fits(sp, self.target_dictionary)
+        return super().build_bpe(args)
 
     def build_model(self, args, from_checkpoint=False):
         model = super().build_model(args, from_checkpoint)
@@ -91,6 +162,7 @@ class SMoETranslationTask(TranslationMultiSimpleEpochTask):
         super().__init__(args, langs, dicts, training)
         self.data_manager = _DatasetManager(args, self.lang_pairs, langs, dicts, self.sampling_method)
         self.data_manager.direction_names = self.direction_names
+        self.spm_model()  # spm.model next to data-bin/: damaged or not this dictionary's, refused now
 
     @property
     def direction_names(self):
@@ -99,6 +171,7 @@ class SMoETranslationTask(TranslationMultiSimpleEpochTask):
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         check_split_files(self.args.data, split, self.lang_pairs)
+        check_binarized_files(self.args.data, split, self.lang_pairs)
         return super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
 
     def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None,
@@ -128,6 +201,7 @@ class SMoETranslationTask(TranslationMultiSimpleEpochTask):
                 indices = dataset.ordered_indices()
             if max_positions is not None:
                 indices = self.filter_indices_by_size(indices, dataset, max_positions, ignore_invalid_inputs)
+            check_max_tokens(dataset, indices, max_tokens)
             batches = dataset.batch_by_size(
                 indices, max_tokens=max_tokens, max_sentences=max_sentences,
                 required_batch_size_multiple=required_batch_size_multiple,
@@ -135,6 +209,65 @@ class SMoETranslationTask(TranslationMultiSimpleEpochTask):
             return keep_every_batch(batches, indices)
 
         return construct_batch_sampler
+
+
+def _checkpoint_being_read():
+    """The file fairseq's loader is reading (fairseq passes the task no path)."""
+    from .. import checkpoint_io
+
+    last = getattr(checkpoint_io, "_last_read", None)
+    return last[0] if last else None
+
+
+def _sentence_name(dataset, index):
+    """'en-de line 7 ("▁In ▁the ...")' for a sentence of a direction-tagged split."""
+    text = ""
+    try:
+        item = dataset[index]
+        source = item.get("source") if isinstance(item, dict) else None
+        dictionary = getattr(dataset, "src_dict", None)
+        if source is not None and dictionary is None and hasattr(dataset, "datasets"):
+            dictionary = getattr(dataset.datasets[0], "src_dict", None)
+        if source is not None and dictionary is not None:
+            pieces = dictionary.string(source)
+            text = f" ({pieces[:60]}{'...' if len(pieces) > 60 else ''})"
+    except Exception:  # noqa: BLE001  (naming the sentence must not hide the error itself)
+        pass
+    if hasattr(dataset, "direction_ids") and hasattr(dataset, "cumulative_sizes"):
+        which = int(np.searchsorted(dataset.cumulative_sizes, index, side="right"))
+        start = dataset.cumulative_sizes[which - 1] if which else 0
+        names = getattr(dataset, "direction_names", None)
+        direction = names[dataset.direction_ids[which]] if names else f"direction {dataset.direction_ids[which]}"
+        return f"sentence {index - start} of {direction} (line {index - start + 1} of its file){text}"
+    return f"sentence {index}{text}"
+
+
+def check_max_tokens(dataset, indices, max_tokens):
+    if max_tokens is None or len(indices) == 0:
+        return
+    indices = np.asarray(indices)
+    if hasattr(dataset, "num_tokens_vec"):
+        try:
+            sizes = dataset.num_tokens_vec(indices)
+        except NotImplementedError:
+            sizes = None
+    else:
+        sizes = None
+    if sizes is None:
+        sizes = np.fromiter((dataset.num_tokens(int(i)) for i in indices), dtype=np.int64, count=len(indices))
+    data_checks.check_max_tokens(sizes, indices, max_tokens, lambda i: _sentence_name(dataset, i))
+
+
+def check_binarized_files(data, split, pairs):
+    """The .bin of every side of every direction must match its .idx (cheap: sizes only)."""
+    data = data.split(os.pathsep)[0]
+    for pair in pairs:
+        src, tgt = pair.split("-")
+        for a, b in ((src, tgt), (tgt, src)):
+            prefixes = [os.path.join(data, f"{split}.{a}-{b}.{lang}") for lang in (src, tgt)]
+            if all(os.path.exists(p + ".idx") and os.path.exists(p + ".bin") for p in prefixes):
+                data_checks.check_binarized_pair(*prefixes)
+                break
 
 
 def _languages(args):
