@@ -35,6 +35,11 @@ class ConfigError(UserError, ValueError):
     (``--smoe-max-passes``). Also a ``ValueError``, as these checks raised before."""
 
 
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or directory the command needs is not there; the message names it and how to make
+    it. Also a ``FileNotFoundError``, as these checks raised before."""
+
+
 class UserExit(SystemExit):
     """What :func:`cli` raises after printing a :class:`UserError`: exit status 1, and
     ``str()`` gives the printed line (so ``pytest.raises(SystemExit, match=...)`` sees it)."""

@@ -104,6 +104,7 @@ def test_cli_one_line_and_status_one_bugs_keep_their_traceback(capsys):
     assert capsys.readouterr().err == "error: x\n"
     # the checks that raised ValueError still are ValueErrors (existing callers and tests)
     assert issubclass(ConfigError, ValueError) and issubclass(DataPrepError, UserError)
+    assert issubclass(errors.MissingFileError, FileNotFoundError) and issubclass(errors.MissingFileError, UserError)
 
 
 def test_flag_checks_raise_user_errors_naming_the_flag_as_typed():
