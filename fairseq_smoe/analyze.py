@@ -125,6 +125,14 @@ def run_model(model, task, subset: str, max_tokens: int, max_sentences: Optional
         )
     starts = [0] + list(dataset.cumulative_sizes[:-1])
     cap = (lambda n: n) if max_sentences is None else (lambda n: min(n, max_sentences))
+    from .evaluate import check_max_tokens
+
+    sizes = np.asarray(dataset.sizes)
+    names = [task.direction_names[d] for d in dataset.direction_ids]  # of each concatenated part
+    parts = {name: sizes[s:s + cap(e - s)] for name, s, e in zip(names, starts, dataset.cumulative_sizes)}
+    need = max((int(p.max()) for p in parts.values() if p.size), default=0)
+    for name, part in parts.items():  # every sentence fits a batch (else fairseq's bare assertion)
+        check_max_tokens(part, max_tokens, name, f"the {subset} data of {task.args.data}", need)
     indices = np.concatenate([np.arange(s, s + cap(e - s)) for s, e in zip(starts, dataset.cumulative_sizes)])
     indices = indices[np.argsort([dataset.num_tokens(int(i)) for i in indices], kind="stable")]
     batches = dataset.batch_by_size(indices, max_tokens=max_tokens, required_batch_size_multiple=1)
@@ -409,6 +417,8 @@ def analyze(checkpoint, data_dir, out_dir, subset="valid", max_sentences=None, m
         raise AnalysisError(f"--subset must be valid, test or train, not {subset!r}")
     if max_sentences is not None and max_sentences < 1:
         raise AnalysisError(f"--max-sentences must be >= 1, got {max_sentences}")
+    if max_tokens < 1:
+        raise AnalysisError(f"--max-tokens {max_tokens}: a batch must hold at least one token (default 4096)")
     cuda = torch.cuda.is_available() and not cpu
     models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(
         [str(checkpoint)], arg_overrides={"data": str(data_bin)})

@@ -391,6 +391,8 @@ def main(argv=None):
             p.error("--checkpoint needs --data DATA_DIR")
         if len(a.configs) > 1:
             p.error("--checkpoint measures one model: give at most one CONFIG (a label)")
+        if a.max_tokens < 1:
+            raise CostError(f"--max-tokens {a.max_tokens}: a batch must hold at least one token (default 4096)")
         data = _data_bin(a.data)
         params, flops, passes = checkpoint_cost(
             a.checkpoint, data, a.vocab_size, a.subset, a.max_tokens, a.cpu)

@@ -108,20 +108,22 @@ def check_max_passes(state, checkpoint, max_passes):
                               f"(--smoe-strata {','.join(map(str, strata))}); give K in 1..{len(strata)}")
 
 
-def check_max_tokens(dataset, max_tokens, direction, raw_src):
-    """Every test sentence must fit one batch of ``--max-tokens`` (fairseq counts a sentence pair
-    as its longer side, language tag and end-of-sentence included); else name the first too long
-    and the smallest value that works, instead of fairseq's bare assertion."""
-    sizes = np.asarray(dataset.sizes)
+def check_max_tokens(sizes, max_tokens, direction, where, need=None):
+    """Every sentence of one direction (``sizes``: a dataset's, or its ``[n, 2]`` source and
+    target sizes) must fit one batch of ``--max-tokens`` (fairseq counts a sentence pair as its
+    longer side, language tag and end-of-sentence included); else name the first one too long
+    (its line in ``where``) and the smallest value that works (``need``, default the longest of
+    these), instead of fairseq's bare assertion."""
+    sizes = np.asarray(getattr(sizes, "sizes", sizes))
     tokens = sizes.max(axis=1) if sizes.ndim == 2 else sizes
     if len(tokens) == 0 or int(tokens.max()) <= max_tokens:
         return
     first = int(np.flatnonzero(tokens > max_tokens)[0])
     raise EvaluationError(
-        f"--max-tokens {max_tokens} is below the length of test sentence {direction} line {first + 1} "
-        f"({raw_src}: {int(tokens[first])} tokens, language tag and end of sentence included; "
+        f"--max-tokens {max_tokens} is below the length of sentence {direction} line {first + 1} "
+        f"({where}: {int(tokens[first])} tokens, language tag and end of sentence included; "
         f"{int((tokens > max_tokens).sum())} sentences of {direction} are longer): a batch must hold a "
-        f"whole sentence. Use --max-tokens {int(tokens.max())} or more"
+        f"whole sentence. Use --max-tokens {need or int(tokens.max())} or more"
     )
 
 
@@ -255,13 +257,17 @@ def evaluate(checkpoint, data_dir, out_dir, beam=5, lenpen=1.0, max_tokens=4096,
     check_max_passes(state, checkpoint, max_passes)
     translator = SMoETranslator(checkpoint, data_dir, device="cpu" if cpu else "cuda", max_tokens=max_tokens,
                                 task_paths=task_paths, max_passes=max_passes, state=state)
+    tests = {}
     for direction in directions:  # every direction's test set fits a batch, before anything is decoded
         src, tgt = direction.split("-")
         task = translator.task(src, tgt)
         if "test" not in task.datasets:  # fairseq's multilingual task cannot load a split twice
             task.load_dataset("test")
-        check_max_tokens(task.dataset("test"), max_tokens, direction,
-                         os.path.join(data_dir, "raw", f"test.{direction}.{src}"))
+        tests[direction] = np.asarray(task.dataset("test").sizes)
+    need = max((int(s.max()) for s in tests.values() if s.size), default=0)
+    for direction, sizes in tests.items():
+        check_max_tokens(sizes, max_tokens, direction,
+                         os.path.join(data_dir, "raw", f"test.{direction}.{direction.split('-')[0]}"), need)
     os.makedirs(out_dir, exist_ok=True)
     spbleu_problem = flores200_ready(flores200_spm)
     if spbleu_problem:

@@ -308,7 +308,7 @@ def test_evaluate_names_the_sentence_and_the_smallest_max_tokens(setup, tmp_path
         evaluate.main([str(setup["smoe"]), str(setup["data"]), str(out), "--cpu", "--max-tokens", str(limit)])
     assert e.value.code == 1
     msg = one_error_line(capsys.readouterr().err)
-    assert msg.startswith(f"error: --max-tokens {limit} is below the length of test sentence en-de line {line} "
+    assert msg.startswith(f"error: --max-tokens {limit} is below the length of sentence en-de line {line} "
                           f"({setup['data'] / 'raw' / 'test.en-de.en'}: {sizes['en-de'][line - 1]} tokens")
     assert msg.endswith(f"Use --max-tokens {need} or more") and not out.exists()
     # that value works: every line of both directions decoded
@@ -329,3 +329,19 @@ def test_evaluate_refuses_decoding_options_out_of_domain_before_loading(setup, t
     with pytest.raises(SystemExit, match=r"error: --beam 0: the beam size"):
         dial.main([str(setup["smoe"]), str(setup["data"]), str(tmp_path / "dial"), "--cpu", "--beam", "0"])
     assert not (tmp_path / "dial").exists()
+
+
+def test_analyze_and_cost_name_a_max_tokens_that_cannot_work(setup, tmp_path, capsys):
+    sizes = longest_pairs(setup["data"])
+    need = max(max(v) for v in sizes.values())
+    line = next(i for i, n in enumerate(sizes["en-de"]) if n > 60) + 1
+    with pytest.raises(SystemExit) as e:
+        analyze.main([str(setup["smoe"]), str(setup["data"]), str(tmp_path / "a"), "--subset", "test",
+                      "--max-tokens", "60", "--cpu"])
+    msg = one_error_line(capsys.readouterr().err)
+    assert e.value.code == 1 and not (tmp_path / "a").exists()
+    assert msg.startswith(f"error: --max-tokens 60 is below the length of sentence en-de line {line} "
+                          f"(the test data of {setup['data'] / 'data-bin'}: {sizes['en-de'][line - 1]} tokens")
+    assert msg.endswith(f"Use --max-tokens {need} or more")
+    with pytest.raises(SystemExit, match=r"^error: --max-tokens 0: a batch must hold at least one token"):
+        cost.main(["--checkpoint", str(setup["smoe"]), "--data", str(setup["data"]), "--max-tokens", "0", "--cpu"])
