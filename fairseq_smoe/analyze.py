@@ -402,6 +402,7 @@ def write_index(out_dir: Path, made, out, subset, checkpoint):
 # ----------------------------------------------------------------------------- entry point
 
 
+@errors.missing_files_are_user_errors()
 def analyze(checkpoint, data_dir, out_dir, subset="valid", max_sentences=None, max_tokens=4096,
             cpu=None, min_count=3):
     from fairseq import checkpoint_utils

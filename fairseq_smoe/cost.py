@@ -321,6 +321,7 @@ def measure_passes(model, task, subset: str = "valid", max_tokens: int = 4096, c
     return passes, seen
 
 
+@errors.missing_files_are_user_errors()
 def checkpoint_cost(checkpoint: str, data: str, vocab: Optional[int], subset: str,
                     max_tokens: int, cpu: bool):
     """(label, #params, FLOPs/tok with measured passes) of a trained checkpoint."""

@@ -18,6 +18,7 @@ Anything else (a bug) keeps its traceback. Argparse's own usage errors keep argp
 ``docs/errors.md`` says what a user can expect.
 """
 
+import contextlib
 import functools
 import importlib
 import re
@@ -66,7 +67,7 @@ def user_error_in(exc):
 def line(err, prog=None) -> str:
     """``err`` as the one ``error:`` line (``prog: error: ...`` when a program name is given)."""
     prefix = f"{prog}: error:" if prog else "error:"
-    text = " ".join(str(err).split("\n")).strip()
+    text = " ".join(part.strip() for part in str(err).split("\n") if part.strip())
     return f"{prefix} {text}"
 
 
@@ -97,6 +98,19 @@ def cli(main=None, *, prog=None, returns=False):
         return wrapped
 
     return wrap(main) if main is not None else wrap
+
+
+@contextlib.contextmanager
+def missing_files_are_user_errors():
+    """A ``FileNotFoundError`` inside (fairseq's and a task's way to say that a data file is not
+    there; its message names the file) becomes a :class:`MissingFileError` with that message.
+    For a tool that hands a data directory to fairseq; usable as a decorator."""
+    try:
+        yield
+    except FileNotFoundError as err:
+        if isinstance(err, UserError):
+            raise
+        raise MissingFileError(str(err)) from err
 
 
 _EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*): ?(.*)$")

@@ -345,3 +345,21 @@ def test_analyze_and_cost_name_a_max_tokens_that_cannot_work(setup, tmp_path, ca
     assert msg.endswith(f"Use --max-tokens {need} or more")
     with pytest.raises(SystemExit, match=r"^error: --max-tokens 0: a batch must hold at least one token"):
         cost.main(["--checkpoint", str(setup["smoe"]), "--data", str(setup["data"]), "--max-tokens", "0", "--cpu"])
+
+
+def test_analyze_and_cost_name_missing_data_files(setup, tmp_path, capsys):
+    """A data directory without the test split (analyze --subset test) or without dictionaries
+    (cost --checkpoint): the task's message as the one line, not a FileNotFoundError traceback."""
+    partial = tmp_path / "partial" / "data-bin"
+    partial.mkdir(parents=True)
+    for f in (setup["data"] / "data-bin").iterdir():
+        if not f.name.startswith("test."):
+            (partial / f.name).symlink_to(f)
+    with pytest.raises(SystemExit) as e:
+        analyze.main([str(setup["smoe"]), str(partial.parent), str(tmp_path / "a"), "--subset", "test", "--cpu"])
+    msg = one_error_line(capsys.readouterr().err)
+    assert e.value.code == 1 and msg.startswith("error: no test data for 2 requested direction(s) in ")
+    assert f"en-de: expected {partial}/test.en-de.en.{{bin,idx}}" in msg and "  " not in msg
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"^error: no dictionary for de, en in .*empty"):
+        cost.main(["--checkpoint", str(setup["smoe"]), "--data", str(tmp_path / "empty"), "--cpu"])
