@@ -387,6 +387,9 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     rows = []
+    if a.vocab_size is not None and a.vocab_size < 1:
+        raise CostError(f"--vocab-size {a.vocab_size}: the shared vocabulary must hold at least one entry "
+                        f"(default {DEFAULT_VOCAB}, the paper's)")
     if a.checkpoint:
         if not a.data:
             p.error("--checkpoint needs --data DATA_DIR")

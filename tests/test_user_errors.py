@@ -345,6 +345,8 @@ def test_analyze_and_cost_name_a_max_tokens_that_cannot_work(setup, tmp_path, ca
     assert msg.endswith(f"Use --max-tokens {need} or more")
     with pytest.raises(SystemExit, match=r"^error: --max-tokens 0: a batch must hold at least one token"):
         cost.main(["--checkpoint", str(setup["smoe"]), "--data", str(setup["data"]), "--max-tokens", "0", "--cpu"])
+    with pytest.raises(SystemExit, match=r"^error: --vocab-size 0: the shared vocabulary"):  # was: counted
+        cost.main(["m4/dense", "--vocab-size", "0"])
 
 
 def test_analyze_and_cost_name_missing_data_files(setup, tmp_path, capsys):
