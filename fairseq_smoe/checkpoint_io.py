@@ -20,7 +20,9 @@ to ``NAME.tmp`` and renames it (without fsync), but makes the others (``checkpoi
 ``checkpoint_last.pt`` and the next resume fails. Here both go to ``NAME.tmp`` in the same
 directory, are fsynced and ``os.replace``d over ``NAME`` (then the directory is fsynced): a kill at
 any moment leaves either the previous file or the new one, never a partial one (at most a stale
-``NAME.tmp``, overwritten by the next save).
+``NAME.tmp``, overwritten by the next save). A full disk or quota (ENOSPC, EDQUOT) removes
+``NAME.tmp`` and raises ``DiskFullError``: one line naming ``NAME``, the bytes it needs and those
+free, the previous ``NAME`` untouched.
 
 Expert parallelism (``--moe-expert-parallel``; the formats and the logic are in
 ``checkpoints.py``): the trainer's save gathers every rank's experts and their optimizer state
@@ -32,6 +34,7 @@ each rank its slice of either, at any world size; the gradient norm (``--clip-no
 import argparse
 import contextlib
 import contextvars
+import errno
 import os
 import re
 import shutil
@@ -452,15 +455,18 @@ def _trainer_save_checkpoint(original):
 def _save_checkpoint(original):
     def save_checkpoint(cfg, trainer, epoch_itr, val_loss):
         from . import checkpoints
+        from .modules.expert_parallel import save_wait
 
         try:
-            return original(cfg, trainer, epoch_itr, val_loss)
+            saved = original(cfg, trainer, epoch_itr, val_loss)
         finally:
             pending = trainer.__dict__.get("_smoe_pending")
             trainer._smoe_pending = None
             if pending is not None and pending.mode == "sharded" and trainer.data_parallel_rank == 0 \
                     and os.path.isdir(cfg.save_dir):
                 checkpoints.sweep_shards(cfg.save_dir)
+        save_wait()  # several ranks: the others wait for rank 0's write here, with --moe-save-timeout
+        return saved
 
     return _wrap(original, save_checkpoint)
 
@@ -520,21 +526,121 @@ def _fsync_dir(directory):
             os.close(fd)
 
 
-def atomic_write(dst, write):
-    """write(f) into dst.tmp, fsync, os.replace over dst: dst is always the old or the new file."""
+class DiskFullError(CheckpointError):
+    """A checkpoint file could not be written for want of space (ENOSPC) or quota (EDQUOT); the
+    previous file of that name is untouched and no temporary file is left."""
+
+    def __init__(self, path, reason, needed, written, free):
+        self.needed, self.written, self.free = needed, written, free
+        directory = os.path.dirname(os.path.abspath(path))
+        need = f"needs {_bytes(needed)}" if needed is not None else f"needs more than the {_bytes(written)} written"
+        room = f", {_bytes(free)} free there" if free is not None and reason == "no space left on device" else ""
+        kept = (f"{os.path.basename(path)} is still the previous file" if os.path.exists(path)
+                else "nothing was written")
+        more = (f"at least {_bytes(needed - free)} more " if needed is not None and free is not None
+                and needed > free and reason == "no space left on device" else "")
+        super().__init__(path, f"could not be written: {reason} ({need}{room}; {kept}, no "
+                         f"{os.path.basename(path)}.tmp is left)",
+                         f"make {more}room in {directory} (or write to a disk with more space) and run the command "
+                         f"again")
+
+
+_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+def _bytes(n):
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit} ({n:,} bytes)"
+    return f"{n:,} bytes"
+
+
+def _no_room(err):
+    """The ENOSPC/EDQUOT OSError in err's chain of causes, or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno in _FULL:
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+class _Recording:
+    """The file given to atomic_write's ``write``: remembers the OSError of a failed write, which
+    torch.save reports only as its own RuntimeError ('unexpected pos ...')."""
+
+    def __init__(self, f):
+        self._f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+class _Counting:
+    """A sink that counts what ``write`` would write: the size of a file that did not fit."""
+
+    def __init__(self):
+        self.bytes = 0
+
+    def write(self, data):
+        n = memoryview(data).nbytes
+        self.bytes += n
+        return n
+
+    def flush(self):
+        pass
+
+
+def atomic_write(dst, write, size=None):
+    """write(f) into dst.tmp, fsync, os.replace over dst: dst is always the old or the new file.
+    A full disk or quota raises :class:`DiskFullError` naming dst and the bytes it needs (``size``
+    when given, else counted by calling ``write`` once more into a sink)."""
     dst = str(dst)
     tmp = dst + ".tmp"
+    recording = None
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            recording = _Recording(f)
+            write(recording)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, dst)
-    except BaseException:
+    except BaseException as err:
+        written = 0
+        with contextlib.suppress(OSError):
+            written = os.path.getsize(tmp)
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise
+        full = _no_room(err) or (recording.error if recording is not None and isinstance(err, Exception)
+                                 and _no_room(recording.error) else None)
+        if full is None:
+            raise
+        raise _disk_full(dst, write, size, written, full) from err
     _fsync_dir(os.path.dirname(os.path.abspath(dst)))
+
+
+def _disk_full(dst, write, size, written, err):
+    needed = size
+    if needed is None:
+        sink = _Counting()
+        try:
+            write(sink)
+            needed = sink.bytes
+        except Exception:  # noqa: BLE001  (a writer that needs a real file: say what was written)
+            needed = None
+    free = None
+    with contextlib.suppress(OSError):
+        st = os.statvfs(os.path.dirname(os.path.abspath(dst)))
+        free = st.f_bavail * st.f_frsize
+    return DiskFullError(dst, _FULL[err.errno], needed, written, free)
 
 
 def atomic_copy(src, dst):
@@ -542,7 +648,7 @@ def atomic_copy(src, dst):
         with open(src, "rb") as fsrc:
             shutil.copyfileobj(fsrc, f, 16 << 20)
 
-    atomic_write(dst, write)
+    atomic_write(dst, write, size=os.path.getsize(src))
 
 
 def _torch_persistent_save(original):

@@ -44,6 +44,7 @@ Command line: ``python -m fairseq_smoe.checkpoints {consolidate,reshard,check}``
 """
 
 import argparse
+import contextlib
 import glob
 import hashlib
 import json
@@ -734,28 +735,34 @@ def reshard(src: str, out: str, world_size: int) -> dict:
     directory = os.path.dirname(os.path.abspath(out))
     os.makedirs(directory, exist_ok=True)
     entries = []
-    for r in range(G):
-        lo, hi = r * k, (r + 1) * k
-        path = os.path.join(directory, shard_name(num_updates, ids[1], r, G))
-        meta_r = _shard_meta(ids, r, G, (lo, hi), E, num_updates)
-        if r == 0:
-            shard = dict(state)
-            shard["model"] = {n: (t[lo:hi].clone() if n in expert_keys else t) for n, t in state["model"].items()}
-            if state_keys:
-                o = shard["last_optimizer_state"] = dict(osd)
-                o["state"] = {i: ({**st, **{key: st[key][lo:hi].clone() for key in state_keys[i]}} if i in state_keys else st)
-                              for i, st in osd["state"].items()}
-            # extra_state[META]["world_size"] stays the saving run's: the epoch iterator's position
-            # counts that run's batches per rank (rescale_iterator)
-            shard["smoe_shard"] = meta_r
-        else:
-            shard = {"smoe_shard": meta_r,
-                     "model": {n: state["model"][n][lo:hi].clone() for n in expert_keys},
-                     "optimizer_state": {i: {key: osd["state"][i][key][lo:hi].clone() for key in ks}
-                                         for i, ks in state_keys.items()}}
-        entries.append(write_shard(shard, path, r, (lo, hi)))
-    write_index(out, {"run_id": ids[0], "save_id": ids[1], "num_updates": num_updates, "num_experts": E},
-                entries, world_size)
+    try:
+        for r in range(G):
+            lo, hi = r * k, (r + 1) * k
+            path = os.path.join(directory, shard_name(num_updates, ids[1], r, G))
+            meta_r = _shard_meta(ids, r, G, (lo, hi), E, num_updates)
+            if r == 0:
+                shard = dict(state)
+                shard["model"] = {n: (t[lo:hi].clone() if n in expert_keys else t) for n, t in state["model"].items()}
+                if state_keys:
+                    o = shard["last_optimizer_state"] = dict(osd)
+                    o["state"] = {i: ({**st, **{key: st[key][lo:hi].clone() for key in state_keys[i]}} if i in state_keys else st)
+                                  for i, st in osd["state"].items()}
+                # extra_state[META]["world_size"] stays the saving run's: the epoch iterator's position
+                # counts that run's batches per rank (rescale_iterator)
+                shard["smoe_shard"] = meta_r
+            else:
+                shard = {"smoe_shard": meta_r,
+                         "model": {n: state["model"][n][lo:hi].clone() for n in expert_keys},
+                         "optimizer_state": {i: {key: osd["state"][i][key][lo:hi].clone() for key in ks}
+                                             for i, ks in state_keys.items()}}
+            entries.append(write_shard(shard, path, r, (lo, hi)))
+        write_index(out, {"run_id": ids[0], "save_id": ids[1], "num_updates": num_updates, "num_experts": E},
+                    entries, world_size)
+    except BaseException:  # a set that could not be completed (a full disk...): none of its files stay
+        for e in entries:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(directory, e["file"]))
+        raise
     return state
 
 

@@ -182,7 +182,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         f.write(b"half")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(checkpoint_io.DiskFullError, match="no space left on device"):
         checkpoint_io.atomic_write(dst, fail)
     assert dst.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_last.pt"]
     checkpoint_io.atomic_write(dst, lambda f: f.write(b"new"))
