@@ -634,7 +634,9 @@ def start_ranks(data, save, *extra):
 
 
 def stop_survivor(procs, bound_s):
-    """The surviving rank 0 must exit by itself, non-zero, well within bound_s."""
+    """The surviving rank 0 must exit by itself, non-zero, within bound_s: generous (a loaded
+    machine may take minutes to tear a process down); what is proven is that it does not wait for
+    torch's default 30 minutes, and which timeout fired is read from its message."""
     try:
         rc = procs[0].wait(timeout=bound_s)
     except subprocess.TimeoutExpired:
@@ -650,7 +652,7 @@ def test_a_killed_rank_stops_the_other_with_a_clear_message(data, tmp_path):
     save = tmp_path / "killed"
     procs = start_ranks(data, save, "--moe-ep-timeout", 60)
     procs[1].send_signal(signal.SIGKILL)
-    rc = stop_survivor(procs, 60)
+    rc = stop_survivor(procs, 300)
     last = (save / "rank0.log").read_text().strip().splitlines()[-1]
     assert rc != 0
     assert re.search(r"error: (expert parallelism: .* failed on rank 0|a collective of the distributed job failed "
@@ -662,7 +664,7 @@ def test_a_stalled_rank_stops_the_other_after_the_timeout(data, tmp_path):
     save = tmp_path / "stalled"
     procs = start_ranks(data, save, "--moe-ep-timeout", 10)
     procs[1].send_signal(signal.SIGSTOP)  # alive, holding its sockets open, never answering
-    rc = stop_survivor(procs, 10 + 120)
+    rc = stop_survivor(procs, 10 + 300)
     last = (save / "rank0.log").read_text().strip().splitlines()[-1]
     # gloo's own words: the collective waited for the configured timeout, not torch's 30 minutes
     assert rc != 0 and "Timed out waiting 10000ms" in last, last

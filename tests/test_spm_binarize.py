@@ -134,12 +134,10 @@ def test_sentencepiece_round_trip(prepared):
 def test_rerun_is_a_no_op(prepared):
     out, _ = prepared
     before = all_files(out)
-    t0 = time.perf_counter()
     summary = prepare(FIXTURE, PAIRS, out, vocab_size=VOCAB, workers=1, verbose=False)
-    elapsed = time.perf_counter() - t0
+    # no wall-clock bound (a loaded machine can take any time): nothing rerun, no file rewritten
     assert all(step["skipped"] for name, step in summary["steps"].items() if name != "validate")
     assert all_files(out) == before
-    assert elapsed < 5, elapsed
 
 
 def test_changed_input_redoes_only_what_depends_on_it(prepared, tmp_path):
