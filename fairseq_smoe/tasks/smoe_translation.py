@@ -230,7 +230,7 @@ def _sentence_name(dataset, index):
             dictionary = getattr(dataset.datasets[0], "src_dict", None)
         if source is not None and dictionary is not None:
             pieces = dictionary.string(source)
-            text = f" ({pieces[:60]}{'...' if len(pieces) > 60 else ''})"
+            text = f": {pieces[:60]}{'...' if len(pieces) > 60 else ''}"
     except Exception:  # noqa: BLE001  (naming the sentence must not hide the error itself)
         pass
     if hasattr(dataset, "direction_ids") and hasattr(dataset, "cumulative_sizes"):
