@@ -254,6 +254,14 @@ class SMoETranslator:
         self.data_bin, self.spm_model = _data_paths(data_dir, spm_model)
         state = read_checkpoint(self.checkpoint) if state is None else upgrade_state(state)
         self.train_cfg = self._decoding_base(training_task_config(state, self.checkpoint), task_paths or {})
+        # the state is passed on (read once), so fairseq's reader, where checkpoint_io checks that
+        # the architecture is registered, does not run: check here (raises its CheckpointError),
+        # before the data is opened (the checkpoint's problems first)
+        from .checkpoint_io import _registration_problem
+
+        problem = _registration_problem(self.checkpoint, state, need_task=False)
+        if problem is not None:
+            raise problem
         pairs = self.train_cfg.lang_pairs
         self.lang_pairs = pairs.split(",") if isinstance(pairs, str) else list(pairs)
         self._tasks = {}
@@ -266,13 +274,6 @@ class SMoETranslator:
         # the data must be what the model was trained with (task_state's fingerprint)
         self._task_state = state.get("task_state") or {}
         self._checked(lambda: first.check_checkpoint_data(self._task_state, self.checkpoint, self.spm_model))
-        # the state is passed on (read once), so fairseq's reader, where checkpoint_io checks that
-        # the architecture is registered, does not run: check here (raises its CheckpointError)
-        from .checkpoint_io import _registration_problem
-
-        problem = _registration_problem(self.checkpoint, state, need_task=False)
-        if problem is not None:
-            raise problem
         models, _ = checkpoint_utils.load_model_ensemble([self.checkpoint], task=first, state=state)
         del state
         self.model = models[0]
