@@ -17,7 +17,7 @@
    oneDNN's linear over the weight reordered once ahead of time
    (``torch.ops.mkldnn._reorder_linear_weight``), both directions, over ``--rows``: how much of a
    few-row expert GEMM is that repacking. (A prepacked copy for CPU inference was built on it,
-   measured end to end, and not kept: README, Performance.)
+   measured end to end, and not kept: docs/performance.md, "Tried and dropped".)
 
 Times are the minimum over repetitions, the variants interleaved; ratios are from this run only.
 """

@@ -186,7 +186,7 @@ def run_pair(name, mode, tokens, reps, warmup, tmp):
 
 
 def formula(name, tokens, passes, dropped):
-    """Predicted bytes each rank sends per update, fp32 (see the module doc and README)."""
+    """Predicted bytes each rank sends per update, fp32 (see the module doc and docs/scale.md, "Expert or data parallelism?")."""
     d, f, strata = CONFIGS[name]
     E = sum(strata)
     P_E = E * (2 * d * f + d + f)
