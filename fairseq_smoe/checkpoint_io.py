@@ -455,15 +455,18 @@ def _trainer_save_checkpoint(original):
 def _save_checkpoint(original):
     def save_checkpoint(cfg, trainer, epoch_itr, val_loss):
         from . import checkpoints
+        from .modules.expert_parallel import save_wait
 
         try:
-            return original(cfg, trainer, epoch_itr, val_loss)
+            saved = original(cfg, trainer, epoch_itr, val_loss)
         finally:
             pending = trainer.__dict__.get("_smoe_pending")
             trainer._smoe_pending = None
             if pending is not None and pending.mode == "sharded" and trainer.data_parallel_rank == 0 \
                     and os.path.isdir(cfg.save_dir):
                 checkpoints.sweep_shards(cfg.save_dir)
+        save_wait()  # several ranks: the others wait for rank 0's write here, with --moe-save-timeout
+        return saved
 
     return _wrap(original, save_checkpoint)
 

@@ -1,5 +1,5 @@
 """Data-parallel training with fairseq's default DDP backend on 2 CPU ranks (gloo), issue 25
-finding 3, and the save barrier of finding 7.
+finding 3, and the checkpoint save's own wait of finding 7 (``expert_parallel.save_wait``).
 
 fairseq's default ``--ddp-backend pytorch_ddp`` is torch's DDP, which stops at the second update
 ("Expected to have finished reduction in the prior iteration ...") when a parameter got no
@@ -61,13 +61,14 @@ def json_logs(output, tag="train_inner"):
     return [json.loads(m) for m in re.findall(rf"\| {tag} \| (\{{.*\}})", output)]
 
 
-def ranks(data_bin, save, *extra, world=2, main="fairseq_cli.train", timeout=600):
-    """``world`` fairseq-train ranks over gloo; [(returncode, output)] per rank."""
+def ranks(data_bin, save, *extra, world=2, main=("-m", "fairseq_cli.train"), timeout=600):
+    """``world`` fairseq-train ranks over gloo (``main``: how python starts fairseq-train);
+    [(returncode, output)] per rank."""
     port = free_port()
     argv = [str(data_bin), "--user-dir", PLUGIN, *MODEL, *TRAIN, "--save-dir", str(save), *map(str, extra),
             "--distributed-world-size", str(world), "--distributed-init-method", f"tcp://127.0.0.1:{port}",
             "--distributed-no-spawn", "--distributed-backend", "gloo"]
-    procs = [subprocess.Popen([sys.executable, "-m", main, *argv, "--distributed-rank", str(r)],
+    procs = [subprocess.Popen([sys.executable, *main, *argv, "--distributed-rank", str(r)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env())
              for r in range(world)]
     out = []
@@ -179,3 +180,108 @@ def test_default_ddp_backend_trains_when_no_token_reaches_a_stratum(data, tmp_pa
     assert legacy[0][0] == 0, legacy[0][1][-3000:]
     for a, b in zip(logs, json_logs(legacy[0][1])):
         assert abs(float(a["loss"]) - float(b["loss"])) <= 2e-3, (a, b)
+
+
+# ----------------------------------------------------------------------------- the save's wait
+
+SLOW_SAVE = """\
+import os, sys, time
+from fairseq_cli.train import cli_main  # (first: it sets fairseq's log format)
+import fairseq_smoe  # its atomic save first: the stall wraps it
+from fairseq import checkpoint_utils
+
+write = checkpoint_utils.torch_persistent_save
+
+
+def slow(*args, **kwargs):  # rank 0 alone writes: a disk that takes STALL_S per checkpoint
+    time.sleep(float(os.environ["STALL_S"]))
+    return write(*args, **kwargs)
+
+
+checkpoint_utils.torch_persistent_save = slow
+sys.argv[0] = "fairseq-train"
+cli_main()
+"""
+EP = ["--moe-expert-parallel", "--ddp-backend", "legacy_ddp", "--moe-ep-timeout", 3, "--save-interval-updates", 2,
+      "--max-update", 4]
+
+
+def slow_save_ranks(data, tmp_path, name, stall_s, *extra):
+    script = tmp_path / "slow_save.py"
+    script.write_text(SLOW_SAVE)
+    os.environ["STALL_S"] = str(stall_s)
+    try:
+        return ranks(data["bin"], tmp_path / name, *EP, *extra, main=(str(script),))
+    finally:
+        del os.environ["STALL_S"]
+
+
+def test_a_save_slower_than_the_ep_timeout_but_within_the_save_timeout_keeps_the_job(data, tmp_path):
+    """Expert parallelism with --moe-ep-timeout 3 (applied to the whole job) and rank 0 taking 8 s
+    to write each checkpoint: rank 1 waits for it in the save's own barrier (--moe-save-timeout 120)
+    and the run finishes its 4 updates, saving at 2 and 4. Before: rank 1 went on to update 3 and
+    its first collective timed out after 3 s while rank 0 was still writing."""
+    out = slow_save_ranks(data, tmp_path, "slow", 8, "--moe-save-timeout", 120)
+    for rc, text in out:
+        assert rc == 0, text[-3000:]
+    assert [int(l["num_updates"]) for l in json_logs(out[0][1])][-1] == 4
+    assert all((tmp_path / "slow" / f"checkpoint_1_{u}.pt").exists() for u in (2, 4))
+
+
+def test_a_save_slower_than_the_save_timeout_stops_with_one_line_naming_the_flag(data, tmp_path):
+    out = slow_save_ranks(data, tmp_path, "slower", 10, "--moe-save-timeout", 4)
+    rc, text = out[1]
+    errors = [l for l in text.splitlines() if "error:" in l]
+    assert rc != 0 and errors, text[-3000:]
+    assert re.search(r"failed on rank 1: its wait for rank 0 to finish writing the checkpoint "
+                     r"\(--moe-save-timeout 4s\) ended after [45]\.\d+s", errors[-1]), errors[-1]
+    assert "raise --moe-save-timeout" in errors[-1] and "Restart the job" in errors[-1]
+
+
+# ----------------------------------------------------------------------------- host-side waits
+
+HOST_WAIT = """\
+import sys, time
+from fairseq_cli.train import cli_main
+from fairseq_smoe.modules import expert_parallel as ep
+
+init, gather, wait = ep.ExpertParallel.__init__, ep.ExpertParallel.gather_counts, ep.ExpertParallel._wait_on_host
+calls = []
+
+
+def host_wait_init(self, *args, **kwargs):  # gloo taking the NCCL path
+    init(self, *args, **kwargs)
+    self.host_wait = True
+
+
+def waited(self, *args, **kwargs):
+    print("host wait", flush=True) if not calls else None
+    calls.append(1)
+    return wait(self, *args, **kwargs)
+
+
+def stalls(self, local_X):  # rank 1 stops answering at its 6th gather
+    if len(calls) >= 6 and "1" == sys.argv[sys.argv.index("--distributed-rank") + 1]:
+        time.sleep(20)  # >> --moe-ep-timeout 3
+    return gather(self, local_X)
+
+
+ep.ExpertParallel.__init__, ep.ExpertParallel.gather_counts, ep.ExpertParallel._wait_on_host = host_wait_init, stalls, waited
+sys.argv[0] = "fairseq-train"
+cli_main()
+"""
+
+
+def test_host_side_wait_of_the_counts_gather_reports_a_stalled_peer_within_the_timeout(data, tmp_path):
+    """The NCCL path of ``gather_counts`` (launched asynchronously, waited for on the host for
+    --moe-ep-timeout) forced on gloo: when rank 1 stops answering, rank 0 stops after the timeout
+    with the one expert-parallel line, not after gloo's or torch's own."""
+    script = tmp_path / "host_wait.py"
+    script.write_text(HOST_WAIT)
+    out = ranks(data["bin"], tmp_path / "hw", "--moe-expert-parallel", "--ddp-backend", "legacy_ddp",
+                "--moe-ep-timeout", 3, "--max-update", 50, main=(str(script),), timeout=300)
+    rc, text = out[0]
+    assert "host wait" in text and rc != 0, text[-3000:]
+    line = [l for l in text.splitlines() if "error:" in l][-1]
+    assert re.search(r"all_gather of the per-expert counts among ranks 0, 1 failed on rank 0 after [34]\.\d+s "
+                     r"\(--moe-ep-timeout 3s\)", line) and "A peer rank died or stopped responding" in line, line

@@ -22,7 +22,8 @@ from ..modules.cmr import CMRBlock
 from ..modules.config import RESIDUAL_MODES, SECOND_EXPERT_POLICIES, SMoEConfig, parse_strata
 from ..modules.layers import SMoEDecoderLayer, SMoEEncoderLayer
 from ..modules.precision import bf16_autocast, cuda_bf16_capable
-from ..modules.expert_parallel import DEFAULT_TIMEOUT_S, ExpertParallel, apply_job_timeout, ep_layout
+from ..modules.expert_parallel import (DEFAULT_SAVE_TIMEOUT_S, DEFAULT_TIMEOUT_S, ExpertParallel, apply_job_timeout,
+                                       ep_layout, setup_save_wait)
 from ..modules.smoe_block import SMoEBlock
 from ..modules.stats import current_record, recording
 
@@ -310,6 +311,11 @@ class SMoETransformerModel(TransformerModel):
                             help="expert-parallel collectives fail after this long without a peer "
                             f"(a rank that died or stalled) instead of hanging; also applied to the "
                             f"job's other collectives (default: {DEFAULT_TIMEOUT_S})")
+        parser.add_argument("--moe-save-timeout", type=int, metavar="SECONDS",
+                            help="with several ranks: after each checkpoint save every rank waits this "
+                            "long for rank 0 to finish writing (a barrier of its own, on gloo), instead of "
+                            "meeting it in the next step's collectives under --moe-ep-timeout "
+                            f"(default: {DEFAULT_SAVE_TIMEOUT_S})")
         parser.add_argument("--moe-sharded-checkpoint", action="store_true",
                             help="with --moe-expert-parallel: every checkpoint is a small index "
                             "(NAME.pt) and one file per expert-holding rank, written without gathering "
@@ -341,6 +347,10 @@ class SMoETransformerModel(TransformerModel):
         smoe_base_architecture(args)
         check_flags(args)
         check_precision(args, task)
+        if _training_command(args, task) is not None:
+            if args.moe_save_timeout is None or args.moe_save_timeout <= 0:
+                raise UserError(f"--moe-save-timeout must be > 0 seconds, got {args.moe_save_timeout}")
+            setup_save_wait(args.moe_save_timeout)  # several ranks: the save's own wait (docs/gpu.md)
         model = super().build_model(args, task)
         model.smoe_bf16 = bool(getattr(args, "smoe_bf16", False))
         return model
@@ -465,6 +475,7 @@ def smoe_base_architecture(args):
     _default(args, "moe_stack", 1)
     _default(args, "moe_expert_parallel", False)
     _default(args, "moe_ep_timeout", DEFAULT_TIMEOUT_S)
+    _default(args, "moe_save_timeout", DEFAULT_SAVE_TIMEOUT_S)
     _default(args, "moe_sharded_checkpoint", False)
     _default(args, "cmr_gate_drop", 0.0)
     _default(args, "moe_eval_capacity_token_fraction", None)

@@ -36,12 +36,22 @@ from ..errors import ConfigError
 from .host_sync import read_to_host
 
 DEFAULT_TIMEOUT_S = 300
+DEFAULT_SAVE_TIMEOUT_S = 1800  # --moe-save-timeout: how long the other ranks wait for rank 0's write
+# NCCL: the expert-parallel groups' own timeout (what torch's watchdog enforces, by aborting the
+# process with its own message) is --moe-ep-timeout plus this, so that the host-side wait of
+# ``gather_counts``, which raises our one-line error, runs out first
+NCCL_WATCHDOG_GRACE_S = 60
 
 
 class ExpertParallelError(RuntimeError):
     """A collective of expert parallelism failed: a peer rank died, stalled past the timeout, or
     the ranks disagree. The message names the collective, the ranks, the elapsed time, the
     timeout and what to do."""
+
+
+class SaveWaitError(ExpertParallelError):
+    """A rank waited longer than --moe-save-timeout for rank 0 to finish writing a checkpoint
+    (or rank 0 died meanwhile)."""
 
 
 def _first_line(err: BaseException) -> str:
@@ -78,6 +88,56 @@ def apply_job_timeout(timeout_s: int) -> None:
         set_timeout(timeout, fairseq_dist.get_global_group._global_group)
     if set_timeout is not None:  # torch >= 2.3
         set_timeout(timeout)
+
+
+_SAVE_GROUPS: Dict[Tuple[int, int], object] = {}
+_SAVE_WAIT: List = []  # [(group, timeout_s)] of this job, once set up
+_SAVE_SENT: List = []  # rank 0: (work, tensor) of its "written" messages not yet received
+
+
+def setup_save_wait(timeout_s: int) -> None:
+    """A gloo group of every rank, with ``timeout_s`` (--moe-save-timeout), for ``save_wait``. Every
+    rank calls it, in the same order (it creates a process group); a no-op with one process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    key = (dist.get_world_size(), timeout_s)
+    if key not in _SAVE_GROUPS:
+        _SAVE_GROUPS[key] = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    _SAVE_WAIT[:] = [(_SAVE_GROUPS[key], timeout_s)]
+
+
+def save_wait() -> None:
+    """Every rank, right after fairseq's save_checkpoint: the others wait for rank 0's write.
+
+    Without it they go on to the next step and wait for rank 0 inside its first collective, whose
+    timeout is --moe-ep-timeout (300 s; expert parallelism sets it for the whole job): a
+    consolidated M15 checkpoint (~10 GB) on a slow disk would kill the job. Here rank 0, its write
+    done, sends every other rank a message without waiting for it (``isend``), and each of them
+    waits for that message in a gloo group of its own whose timeout is --moe-save-timeout: gloo's
+    receive blocks the host and raises on its timeout, also in a job whose collectives are NCCL.
+    Rank 0 itself waits for nobody here, so a peer that died or stalled meanwhile is still found
+    within --moe-ep-timeout, by the next collective."""
+    if not _SAVE_WAIT:
+        return
+    group, timeout_s = _SAVE_WAIT[0]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if rank == 0:
+        _SAVE_SENT[:] = [(w, t) for w, t in _SAVE_SENT if not w.is_completed()]
+        for dst in range(1, world):
+            t = torch.ones(1)
+            _SAVE_SENT.append((dist.isend(t, dst=dst, group=group), t))
+        return
+    start = time.monotonic()
+    try:
+        dist.recv(torch.zeros(1), src=0, group=group)
+    except RuntimeError as err:
+        raise SaveWaitError(
+            f"a collective of the distributed job failed on rank {rank}: its wait for rank 0 to finish writing "
+            f"the checkpoint (--moe-save-timeout {timeout_s}s) ended after {time.monotonic() - start:.1f}s: "
+            f"{_first_line(err)}. A peer rank died or stopped responding (read rank 0's log), or rank 0 was "
+            f"still writing: then the disk is slower than that, raise --moe-save-timeout (or use "
+            f"--moe-sharded-checkpoint, which writes no consolidated file). This rank stops too. Restart the "
+            f"job with the same command and --save-dir to resume from checkpoint_last.pt") from err
 
 
 @dataclass(frozen=True)
@@ -166,6 +226,9 @@ class ExpertParallel:
         self.group = group
         self.replica_group = replica_group
         self.timeout_s = timeout_s
+        # asynchronous backends (NCCL): the counts' gather is waited for on the host (_wait_on_host);
+        # gloo's blocking call already raises on the group's timeout, in gloo's own words
+        self.host_wait = group is not None and dist.get_backend(group) != "gloo"
 
     @staticmethod
     def for_job(num_experts: int, timeout_s: int = DEFAULT_TIMEOUT_S) -> Optional["ExpertParallel"]:
@@ -177,7 +240,8 @@ class ExpertParallel:
         key = (num_experts, W, timeout_s)
         if key not in _GROUPS:
             layout = ep_layout(num_experts, W, rank)
-            timeout = datetime.timedelta(seconds=timeout_s)
+            grace = NCCL_WATCHDOG_GRACE_S if dist.get_backend() == "nccl" else 0
+            timeout = datetime.timedelta(seconds=timeout_s + grace)
             G = layout.group_size
             group = replica_group = None
             for start in range(0, W, G):  # every rank creates every group, in the same order
@@ -205,11 +269,25 @@ class ExpertParallel:
             raise ExpertParallelError(
                 collective_failure(what, ranks, time.monotonic() - start, self.timeout_s, err)) from err
 
+    def _wait_on_host(self, collective, *args, **kwargs) -> None:
+        """``collective`` launched asynchronously, then waited for on the host for at most
+        --moe-ep-timeout. Under NCCL a collective returns at once and a dead peer is otherwise
+        noticed by torch's watchdog, which aborts the process with its own message before ours, or
+        by the host read that follows blocking for ever; ``Work.wait(timeout)`` blocks the host and
+        raises on the timeout (and on gloo waits as the blocking call would). Every earlier
+        collective of the group (this pass's exchanges) precedes it on the same stream, so a peer
+        lost in any of them is reported here, within the timeout. No extra synchronisation: the
+        counts are read to the host right after. Not run on NCCL in this project (no GPU): on gloo
+        (``host_wait`` forced, tests/test_ddp.py) it raises after the timeout as it should."""
+        work = collective(*args, async_op=True, **kwargs)
+        work.wait(datetime.timedelta(seconds=self.timeout_s))
+
     def gather_counts(self, local_X: Tensor) -> List[List[int]]:
         """Every group rank's count vector (same length on all), read to the host once."""
         parts = [torch.empty_like(local_X) for _ in range(self.layout.group_size)]
+        gather = (self._wait_on_host, dist.all_gather) if self.host_wait else (dist.all_gather,)
         self._run("all_gather of the per-expert counts", self.layout.group_ranks,
-                  dist.all_gather, parts, local_X.contiguous(), group=self.group)
+                  *gather, parts, local_X.contiguous(), group=self.group)
         X = local_X.numel()
         flat = read_to_host(torch.cat(parts))
         return [flat[i * X:(i + 1) * X] for i in range(self.layout.group_size)]
