@@ -101,7 +101,10 @@ def test_config_builds_the_system_it_names_and_trains(name, dict_dir):
             assert (big.cmr_gate_drop, big.cmr_gate_loss_wt, big.cmr_gate_loss_p) == (0.1, 0.01, 0.8)
 
     # a tiny model with the same MoE flags: structure, exact parameter count, forward/backward
-    args = parse(flags + ["--lang-pairs", "en-de,de-en", "--langs", "en,de", "--cpu"] + TINY, dict_dir)
+    # on CPU without the GPU-only precision flags, as scripts/train.sh runs a recipe on a machine
+    # without a GPU (--fp16 with --cpu is refused in training: tests/test_precision.py)
+    cpu_flags = [f for f in flags if f not in ("--fp16", "--memory-efficient-fp16", "--amp")]
+    args = parse(cpu_flags + ["--lang-pairs", "en-de,de-en", "--langs", "en,de", "--cpu"] + TINY, dict_dir)
     task = tasks.setup_task(args)
     torch.manual_seed(0)
     model, crit = task.build_model(args), task.build_criterion(args)
