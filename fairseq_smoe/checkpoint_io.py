@@ -66,6 +66,7 @@ DAMAGED = "copy it again from where it came from, or " + WRITTEN_BY_TRAIN.replac
 LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 
 _resuming = contextvars.ContextVar("fairseq_smoe_resuming", default=None)
+_resuming_task = contextvars.ContextVar("fairseq_smoe_resuming_task", default=None)  # the task of a resume
 _ep_target = contextvars.ContextVar("fairseq_smoe_ep_target", default=None)  # (Plan, reset_optimizer) of an EP rank
 _ep_norm = contextvars.ContextVar("fairseq_smoe_ep_norm", default=None)  # exchange group while clipping
 _building = contextvars.ContextVar("fairseq_smoe_building", default=None)
@@ -309,6 +310,9 @@ def _load_checkpoint_to_cpu(original):
             if found:
                 raise found
         _last_read[0] = str(path)
+        task = _resuming_task.get()
+        if task is not None:  # fairseq's other loaders call it (the data fingerprint); its resume does not
+            task.load_state_dict(state.get("task_state") or {})
         return state
 
     return _wrap(original, load_checkpoint_to_cpu)
@@ -350,6 +354,7 @@ def _trainer_load_checkpoint(original):
         target = plan if plan is not None and plan.is_ep else None
         reset_optimizer = kwargs.get("reset_optimizer", args[0] if args else False)
         token = _resuming.set(str(filename))
+        task_token = _resuming_task.set(self.task)
         ep_token = _ep_target.set(None if target is None else (target, bool(reset_optimizer)))
         ckpt_cfg = self.cfg.checkpoint
         all_ranks = ckpt_cfg.load_checkpoint_on_all_dp_ranks
@@ -376,6 +381,7 @@ def _trainer_load_checkpoint(original):
                 filename, f"does not fit the model this fairseq-train command builds: {inner}") from inner
         finally:
             _resuming.reset(token)
+            _resuming_task.reset(task_token)
             _ep_target.reset(ep_token)
             if ckpt_cfg.load_checkpoint_on_all_dp_ranks != all_ranks:
                 with open_dict(ckpt_cfg):

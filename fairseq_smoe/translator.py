@@ -286,6 +286,9 @@ class SMoETranslator:
 
     def _decoding_base(self, task_cfg, task_paths):
         cfg = copy.deepcopy(task_cfg)
+        for key in ("_name", "task"):  # a stock multilingual checkpoint decodes with our subclass (no dropped batch)
+            if getattr(cfg, key, None) == "translation_multi_simple_epoch":
+                setattr(cfg, key, "smoe_translation")
         unknown = sorted(set(task_paths) - set(PATH_FLAGS))
         if unknown:
             raise TranslatorError(f"task_paths: {', '.join(unknown)} not among {', '.join(PATH_FLAGS)}")

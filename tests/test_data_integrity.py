@@ -135,8 +135,6 @@ def test_fairseq_generate_refuses_another_preparations_data(data):
     assert str(data["ckpt"]) in line and str(b / "data-bin" / "dict.") in line, line
 
 
-@pytest.mark.xfail(strict=True, reason="fairseq's Trainer.load_checkpoint never calls task.load_state_dict; "
-                   "needs the checkpoint_io.py edit in the h2 report")
 def test_resume_refuses_another_preparations_data(data):
     save = data["tmp"] / "resume"
     shutil.copytree(data["save"], save)

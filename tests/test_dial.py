@@ -92,7 +92,7 @@ def test_task_flag_sets_the_dial_on_every_block(dict_dir):
     _, model = build_task(dict_dir, "--smoe-max-passes", "1")
     blocks = model.smoe_blocks("encoder") + model.smoe_blocks("decoder")
     assert blocks and all(b.max_passes == 1 for b in blocks)
-    with pytest.raises(ValueError, match="--smoe-max-passes must be in 1..2"):
+    with pytest.raises(ValueError, match=r"--smoe-max-passes 3: .* 2 strata; give a pass budget K in 1\.\.2"):
         build_task(dict_dir, "--smoe-max-passes", "3")
 
 

@@ -324,6 +324,7 @@ def test_bad_input_is_refused_clearly(setup):
             call()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_decoding(setup):
     sources = raw(setup, "en", "de", "en")

@@ -250,6 +250,18 @@ def test_evaluate_names_a_stock_bilingual_checkpoint(setup, tmp_path):
         evaluate.main([str(setup["stock_bi"]), str(setup["data"]), str(tmp_path / "eval"), "--cpu"])
 
 
+def test_evaluate_scores_every_line_of_a_stock_multilingual_checkpoint(setup, tmp_path):
+    """A stock translation_multi_simple_epoch checkpoint decodes with the plugin's task (its
+    subclass): every test line of both directions is translated, none dropped, no traceback."""
+    out = tmp_path / "eval"
+    evaluate.main([str(setup["stock_ml"]), str(setup["data"]), str(out), "--cpu", "--beam", "1"])
+    for pair in ("en-de", "de-en"):
+        src, tgt = pair.split("-")
+        refs = (setup["data"] / "raw" / f"test.{pair}.{tgt}").read_text(encoding="utf-8").split("\n")
+        hyps = out / f"hyp.{pair}.{tgt}"
+        assert len(hyps.read_text(encoding="utf-8").rstrip("\n").split("\n")) == len(refs) - (refs[-1] == ""), hyps
+
+
 # ----------------------------------------------------------------------------- category 2: checkpoint tool
 
 

@@ -19,6 +19,7 @@ from fairseq.tasks import register_task
 from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleEpochTask
 
 from .. import data_checks
+from ..errors import ConfigError, MissingFileError
 from ..criterions.smoe_label_smoothed_cross_entropy import DIRECTION_KEY
 
 
@@ -154,7 +155,7 @@ class SMoETranslationTask(TranslationMultiSimpleEpochTask):
         k = getattr(self.args, "smoe_max_passes", None)
         if k is not None:
             if not hasattr(model, "set_max_passes"):
-                raise ValueError(f"--smoe-max-passes {k} needs an smoe_transformer model, got {type(model).__name__}")
+                raise ConfigError(f"--smoe-max-passes {k} needs an smoe_transformer model, got {type(model).__name__}")
             model.set_max_passes(k)
         return model
 
@@ -276,7 +277,7 @@ def _languages(args):
         return langs, "--langs"
     if args.lang_dict is not None:
         if not os.path.exists(args.lang_dict):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"--lang-dict {args.lang_dict} does not exist; give a file with one language "
                 f"code per line, or list the languages with --langs"
             )
@@ -289,13 +290,13 @@ def check_languages(args):
     """Every language of the requested directions must have a language token."""
     pairs = args.lang_pairs.split(",") if isinstance(args.lang_pairs, str) else args.lang_pairs
     if not pairs:
-        raise ValueError("--lang-pairs is required, e.g. --lang-pairs en-de,de-en")
+        raise ConfigError("--lang-pairs is required, e.g. --lang-pairs en-de,de-en")
     for pair in pairs:
         if len(pair.split("-")) != 2 or "" in pair.split("-"):
-            raise ValueError(f"--lang-pairs: {pair!r} is not of the form SRC-TGT (e.g. en-de)")
+            raise ConfigError(f"--lang-pairs: {pair!r} is not of the form SRC-TGT (e.g. en-de)")
     langs, where = _languages(args)
     if langs is None:
-        raise ValueError(
+        raise ConfigError(
             "smoe_translation needs the language list for its language tokens: pass "
             "--langs en,de,... or --lang-dict FILE (one language per line)"
         )
@@ -305,7 +306,7 @@ def check_languages(args):
     for src, tgt in wanted:
         for lang in (src, tgt):
             if lang not in langs:
-                raise ValueError(
+                raise ConfigError(
                     f"language {lang!r} of direction {src}-{tgt} has no language token: it is "
                     f"not in {where} ({','.join(langs)}). Add it there, or drop the direction. "
                     f"Note that --langs must list the languages in the order used at training."
@@ -315,7 +316,7 @@ def check_languages(args):
 def check_dictionaries(args):
     data = args.data.split(os.pathsep)[0]
     if not os.path.isdir(data):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"data directory {data} does not exist; pass the fairseq-preprocess --destdir"
         )
     if args.source_dict is not None or args.fixed_dictionary is not None:
@@ -326,7 +327,7 @@ def check_dictionaries(args):
         langs = {args.source_lang, args.target_lang}
     missing = sorted(l for l in langs if not os.path.exists(os.path.join(data, f"dict.{l}.txt")))
     if missing:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no dictionary for {', '.join(missing)} in {data}: expected "
             + ", ".join(os.path.join(data, f"dict.{l}.txt") for l in missing)
             + ". Binarize every direction with fairseq-preprocess (one joined dictionary)."
@@ -351,7 +352,7 @@ def check_split_files(data, split, pairs):
             )
     if missing:
         have = sorted({f.split(".")[1] for f in os.listdir(data) if f.startswith(split + ".") and f.endswith(".idx")})
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no {split} data for {len(missing)} requested direction(s) in {data}:\n  "
             + "\n  ".join(missing)
             + f"\n{split} data present for: {', '.join(have) or 'none'}. "
