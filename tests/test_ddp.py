@@ -12,10 +12,8 @@ CPU model; ``fairseq_smoe/fairseq_patches.py`` drops it (tested here against fai
 """
 
 import inspect
-import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +29,7 @@ import fairseq_smoe  # noqa: E402,F401
 from fairseq import options, tasks  # noqa: E402
 
 from test_checkpoint_io import binarize  # noqa: E402
+from test_expert_parallel_train import env, free_port, json_logs  # noqa: E402
 from tiny import save_checkpoint  # noqa: E402
 
 PLUGIN = str(ROOT / "fairseq_smoe")
@@ -43,22 +42,6 @@ MODEL = ["--task", "smoe_translation", "--lang-pairs", "en-de,de-en", "--langs",
 TRAIN = ["--optimizer", "adam", "--lr", str(LR), "--max-tokens", "512", "--num-workers", "0", "--seed", "1",
          "--required-batch-size-multiple", "1", "--log-format", "json", "--log-interval", "1",
          "--disable-validation", "--no-epoch-checkpoints", "--cpu"]
-
-
-def env():
-    e = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}"
-    return e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def json_logs(output, tag="train_inner"):
-    return [json.loads(m) for m in re.findall(rf"\| {tag} \| (\{{.*\}})", output)]
 
 
 def ranks(data_bin, save, *extra, world=2, main=("-m", "fairseq_cli.train"), timeout=600):

@@ -133,7 +133,7 @@ def test_checkpoint_tool_on_a_full_disk_leaves_nothing(disk, trained, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     shard1 = probe[1]["file"].split(".")
-    assert err[0].startswith(f"error: checkpoint {out}/ep-shard.u2.") and f".1-of-2.pt could not be written: " \
+    assert err[0].startswith(f"error: checkpoint {out}/ep-shard.u2.") and ".1-of-2.pt could not be written: " \
         "no space left on device (needs " in err[0], err[0]
     assert f"({probe[1]['bytes']:,} bytes)" in err[0] and "nothing was written" in err[0], (err[0], shard1)
     assert list(out.iterdir()) == []
