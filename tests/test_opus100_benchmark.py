@@ -171,7 +171,8 @@ def test_damaged_archive_is_named(archive, tmp_path, damage):
     path.write_bytes(bad)
     with pytest.raises(SystemExit) as exit_info:
         opus100.main([str(tmp_path / "out"), "--pairs", "de-en", "--archive", str(path)])
-    msg = str(exit_info.value.code)
+    msg = str(exit_info.value)  # the line printed on stderr; the exit status is 1
+    assert exit_info.value.code == 1
     assert msg.startswith("opus100: error: ") and f"{path} is not a complete, readable .tar.gz" in msg
     assert "download" in msg and "--archive" in msg
     assert not list((tmp_path / "out" / "text").glob("*.de-en.*"))  # nothing half-extracted left
