@@ -9,9 +9,6 @@ optimizer, device-agnostic, so it runs here on CPU through fairseq-train.
 """
 
 import inspect
-import json
-import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +26,7 @@ from fairseq import options, tasks  # noqa: E402
 from fairseq_smoe.errors import UserError  # noqa: E402
 from fairseq_smoe.models import smoe_transformer  # noqa: E402
 from test_checkpoint_io import binarize  # noqa: E402
+from test_expert_parallel_train import env, json_logs  # noqa: E402
 from tiny import toy_sample  # noqa: E402
 
 PLUGIN = str(ROOT / "fairseq_smoe")
@@ -40,12 +38,6 @@ MODEL = ["--task", "smoe_translation", "--lang-pairs", "en-de,de-en", "--langs",
 TRAIN = ["--optimizer", "adam", "--lr", "1e-3", "--max-tokens", "512", "--num-workers", "0", "--seed", "1",
          "--required-batch-size-multiple", "1", "--log-format", "json", "--log-interval", "1",
          "--disable-validation", "--no-epoch-checkpoints"]
-
-
-def env():
-    e = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}"
-    return e
 
 
 @pytest.fixture(scope="module")
@@ -178,8 +170,7 @@ def test_smoe_bf16_trains_through_fairseq_train_on_cpu(data_bin, tmp_path):
     assert rc == 0, out[-3000:]
     rc, ref = train(data_bin, tmp_path / "fp32", "--cpu", "--max-update", 8)
     assert rc == 0, ref[-3000:]
-    logs = [json.loads(m) for m in re.findall(r"\| train_inner \| (\{.*\})", out)]
-    refs = [json.loads(m) for m in re.findall(r"\| train_inner \| (\{.*\})", ref)]
+    logs, refs = json_logs(out), json_logs(ref)
     assert len(logs) == len(refs) >= 6
     losses = [float(l["loss"]) for l in logs]
     assert all(torch.isfinite(torch.tensor(losses)))
