@@ -710,11 +710,11 @@ def _distributed_failure(value):
 
 
 def _excepthook(previous):
+    """A distributed failure as one line; everything else, user errors (CheckpointError among
+    them) included, to ``previous``: errors.install_excepthook's hook, installed first."""
     def hook(kind, value, tb):
-        failure = None if isinstance(value, CheckpointError) else _distributed_failure(value)
-        if isinstance(value, CheckpointError):
-            print(f"error: {value}", file=sys.stderr, flush=True)
-        elif failure is not None:
+        failure = None if isinstance(value, UserError) else _distributed_failure(value)
+        if failure is not None:
             where = traceback.extract_tb(tb)[-1] if tb is not None else None
             at = f" [{kind.__name__} at {os.path.basename(where.filename)}:{where.lineno} in {where.name}]" if where else ""
             print(f"error: {failure}{at}", file=sys.stderr, flush=True)
